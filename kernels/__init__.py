@@ -1,0 +1,1 @@
+"""Triton kernels of fastcnn, installed as ``fastcnn.kernels``: pure functions over tensors, no global state."""
