@@ -1,0 +1,32 @@
+"""Test set-up. TRITON_INTERPRET=1 must be set before any Triton kernel is defined (at import), so that the
+real kernel code runs on CPU tensors under Triton's interpreter."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _data_root() -> pathlib.Path | None:
+    for candidate in (os.environ.get("FASTCNN_DATA"), REPO.parent / "shared" / "data"):
+        if candidate and (pathlib.Path(candidate) / "MNIST" / "raw" / "train-images-idx3-ubyte").exists():
+            return pathlib.Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def data_root() -> pathlib.Path:
+    """Folder with the real MNIST / Fashion-MNIST in torchvision's layout (skips the test without it)."""
+    root = _data_root()
+    if root is None:
+        pytest.skip("real MNIST not found: set FASTCNN_DATA to a folder holding MNIST/raw and FashionMNIST/raw")
+    return root
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
