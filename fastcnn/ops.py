@@ -1,13 +1,60 @@
-"""The fused Conv2d -> ReLU -> MaxPool2d(2, 2) operation (functional form).
+"""The fused Conv2d -> ReLU -> MaxPool2d(2, 2) operation (functional form) and its op registration.
 
-PLACEHOLDER FOR THE KERNEL WORK: today this is only the plain-PyTorch reference. The Triton op
-registration (torch.library.triton_op "fastcnn::conv_relu_pool") replaces the body of conv_relu_pool.
+Three custom ops, all ``torch.library.triton_op`` so that torch.compile sees (and can optimize) the Triton
+launches inside them:
+
+- ``fastcnn::conv_relu_pool(x, weight, bias, padding) -> (out, code)``: the pooled output and a uint8 code per
+  pooled element (winning window position + whether ReLU passes the gradient), saved for backward.
+- ``fastcnn::conv_relu_pool_backward_input(grad_out, code, x, weight, padding) -> grad_x``
+- ``fastcnn::conv_relu_pool_backward_weight(grad_out, code, x, weight, padding) -> (grad_weight, grad_bias)``
+
+Each op body dispatches on the device (a branch in the body, not ``register_kernel``: under torch.compile on
+CPU Inductor ignores a CPU kernel registration and fails with "triton not built with the 'cpu' backend"):
+
+- CUDA: the Triton kernels of ``fastcnn.kernels.conv_relu_pool``, launched through ``wrap_triton``.
+- CPU with ``TRITON_INTERPRET=1`` set before import: the same kernels under Triton's interpreter, eagerly
+  (this is how CI tests the kernel code; torch.compile cannot run the interpreter on fake tensors).
+- CPU otherwise (or no Triton): plain aten ops that produce the same ``code`` and the same gradients.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
+
+try:
+    from fastcnn.kernels.conv_relu_pool import (
+        conv_relu_pool_backward_input as _triton_backward_input,
+    )
+    from fastcnn.kernels.conv_relu_pool import (
+        conv_relu_pool_backward_weight as _triton_backward_weight,
+    )
+    from fastcnn.kernels.conv_relu_pool import (
+        conv_relu_pool_bwd_input_kernel,
+        conv_relu_pool_bwd_weight_kernel,
+        conv_relu_pool_fwd_kernel,
+    )
+    from fastcnn.kernels.conv_relu_pool import (
+        conv_relu_pool_forward as _triton_forward,
+    )
+
+    _TRITON_ERROR: str | None = None
+except ImportError as err:  # no triton on this platform: every device takes the aten branch
+    _TRITON_ERROR = f"{type(err).__name__}: {err}"
+
+__all__ = ["conv_relu_pool", "conv_relu_pool_reference", "fused_kernel_status", "INTERPRET_ON_CPU"]
+
+# Triton decides at kernel definition (the import above) whether @triton.jit kernels are interpreted, so the
+# op captures the same decision once. Tests set it to False to reach the aten branch on CPU (torch.compile).
+INTERPRET_ON_CPU: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_KERNEL_SIZE = 7
+
+
+# --------------------------------------------------------------------------------------------- reference
 
 
 def conv_relu_pool_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -16,6 +63,242 @@ def conv_relu_pool_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     return F.max_pool2d(F.relu(F.conv2d(x, weight, bias, padding=padding)), kernel_size=2, stride=2)
 
 
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    # Same rule as the kernels' launchers; strides tell the layouts apart even when C == 1.
+    return x.stride(1) == 1 and x.stride(3) == x.shape[1] and x.stride(2) == x.shape[1] * x.shape[3]
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+
+
+def _pooled_size(h: int, w: int, ksize: int, padding: int) -> tuple[int, int]:
+    return (h + 2 * padding - ksize + 1) // 2, (w + 2 * padding - ksize + 1) // 2
+
+
+def _copy_as(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    # An explicit allocation, so the strides are exactly the fake implementation's (also for size-1 dims).
+    out = torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=fmt)
+    out.copy_(t)
+    return out
+
+
+def _runs_triton(device: torch.device) -> bool:
+    if _TRITON_ERROR is not None:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and INTERPRET_ON_CPU)
+
+
+def _traceable(device: torch.device) -> bool:
+    # Interpreted kernels are not JIT functions: launch them directly (older wrap_triton rejects them).
+    return device.type != "cpu"
+
+
+def fused_kernel_status(device: torch.device | str) -> tuple[bool, str]:
+    """Whether the fused Triton kernels run on ``device``, and a sentence saying why (not).
+
+    When they do not, ``conv_relu_pool`` still works: it takes its plain-PyTorch branch.
+    """
+    device = torch.device(device)
+    if _TRITON_ERROR is not None:
+        return False, f"triton is not importable ({_TRITON_ERROR}); the op runs plain PyTorch ops"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False, "CUDA is not available in this torch build or on this machine"
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 7:
+            return False, f"compute capability {major}.{minor}: Triton needs 7.0 or newer"
+        name = torch.cuda.get_device_name(device)
+        note = "" if major >= 8 else " (bf16 needs compute capability 8.0)"
+        return True, f"Triton kernels on {name} (compute capability {major}.{minor}){note}"
+    if device.type == "cpu":
+        if INTERPRET_ON_CPU:
+            return True, "Triton interpreter on CPU (TRITON_INTERPRET=1): exact but very slow, for tests"
+        return False, ("CPU: Triton kernels run here only under TRITON_INTERPRET=1 set before import; "
+                       "the op runs plain PyTorch ops")
+    return False, f"no Triton backend for device type {device.type!r}; the op runs plain PyTorch ops"
+
+
+# --------------------------------------------------------------------------------------------- aten branch
+
+
+def _aten_forward(x, weight, bias, padding):
+    y = F.relu(F.conv2d(x, weight, bias, padding=padding))
+    pooled, flat = F.max_pool2d(y, 2, 2, return_indices=True)
+    wo = y.shape[3]
+    position = (flat // wo % 2) * 2 + (flat % wo) % 2  # row-major position in the 2x2 window
+    passes = torch.where(pooled <= 0, 0, 4)  # threshold_backward's rule
+    fmt = _memory_format(x)
+    return _copy_as(pooled, fmt), _copy_as((position + passes).to(torch.uint8), fmt)
+
+
+def _full_size_grad(grad_out, code, ho, wo):
+    # gy, the gradient of the convolution output, rebuilt from the pooled gradient and the code.
+    n, c, hp, wp = grad_out.shape
+    g = torch.where((code & 4) != 0, grad_out, 0)
+    win = code & 3
+    planes = torch.stack([torch.where(win == d, g, 0) for d in range(4)], dim=-1)  # N, C, HP, WP, (dy dx)
+    gy = planes.view(n, c, hp, wp, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(n, c, 2 * hp, 2 * wp)
+    return F.pad(gy, (0, wo - 2 * wp, 0, ho - 2 * hp))  # floor mode: trailing rows/cols get no gradient
+
+
+def _aten_backward(grad_out, code, x, weight, padding, output_mask):
+    k = weight.shape[2]
+    ho, wo = x.shape[2] + 2 * padding - k + 1, x.shape[3] + 2 * padding - k + 1
+    gy = _full_size_grad(grad_out, code, ho, wo)
+    return torch.ops.aten.convolution_backward(
+        gy, x, weight, [weight.shape[0]], [1, 1], [padding, padding], [1, 1], False, [0, 0], 1, output_mask)
+
+
+# --------------------------------------------------------------------------------------------- the ops
+
+
+@torch.library.triton_op("fastcnn::conv_relu_pool", mutates_args=(),
+                         schema="(Tensor x, Tensor weight, Tensor? bias, int padding) -> (Tensor, Tensor)")
+def _conv_relu_pool_op(x, weight, bias, padding):
+    if _runs_triton(x.device):
+        if _traceable(x.device):
+            return _triton_forward(x, weight, bias, padding,
+                                   kernel=torch.library.wrap_triton(conv_relu_pool_fwd_kernel))
+        return _triton_forward(x, weight, bias, padding)
+    return _aten_forward(x, weight, bias, padding)
+
+
+@_conv_relu_pool_op.register_fake
+def _conv_relu_pool_fake(x, weight, bias, padding):
+    hp, wp = _pooled_size(x.shape[2], x.shape[3], weight.shape[2], padding)
+    shape = (x.shape[0], weight.shape[0], hp, wp)
+    fmt = _memory_format(x)
+    return (torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt),
+            torch.empty(shape, dtype=torch.uint8, device=x.device, memory_format=fmt))
+
+
+@torch.library.triton_op("fastcnn::conv_relu_pool_backward_input", mutates_args=(),
+                         schema="(Tensor grad_out, Tensor code, Tensor x, Tensor weight, int padding) "
+                                "-> Tensor")
+def _backward_input_op(grad_out, code, x, weight, padding):
+    if _runs_triton(x.device):
+        if _traceable(x.device):
+            return _triton_backward_input(grad_out, code, x, weight, padding,
+                                          kernel=torch.library.wrap_triton(conv_relu_pool_bwd_input_kernel))
+        return _triton_backward_input(grad_out, code, x, weight, padding)
+    grad_x = _aten_backward(grad_out, code, x, weight, padding, [True, False, False])[0]
+    return _copy_as(grad_x, _memory_format(x))
+
+
+@_backward_input_op.register_fake
+def _backward_input_fake(grad_out, code, x, weight, padding):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+
+
+@torch.library.triton_op("fastcnn::conv_relu_pool_backward_weight", mutates_args=(),
+                         schema="(Tensor grad_out, Tensor code, Tensor x, Tensor weight, int padding) "
+                                "-> (Tensor, Tensor)")
+def _backward_weight_op(grad_out, code, x, weight, padding):
+    if _runs_triton(x.device):
+        if _traceable(x.device):
+            return _triton_backward_weight(grad_out, code, x, weight, padding,
+                                           kernel=torch.library.wrap_triton(conv_relu_pool_bwd_weight_kernel))
+        return _triton_backward_weight(grad_out, code, x, weight, padding)
+    _, gw, gb = _aten_backward(grad_out, code, x, weight, padding, [False, True, True])
+    grad_weight = torch.empty_like(weight)
+    grad_weight.copy_(gw)
+    return grad_weight, gb
+
+
+@_backward_weight_op.register_fake
+def _backward_weight_fake(grad_out, code, x, weight, padding):
+    return torch.empty_like(weight), weight.new_empty((weight.shape[0],))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, padding = inputs
+    _, code = output
+    ctx.save_for_backward(x, weight, code)
+    ctx.padding = padding
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_out, _grad_code):
+    x, weight, code = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    grad_x = grad_w = grad_b = None
+    if need_x:  # skipped for the first layer, whose input is data
+        grad_x = torch.ops.fastcnn.conv_relu_pool_backward_input(grad_out, code, x, weight, ctx.padding)
+    if need_w or (need_b and ctx.has_bias):
+        gw, gb = torch.ops.fastcnn.conv_relu_pool_backward_weight(grad_out, code, x, weight, ctx.padding)
+        grad_w = gw if need_w else None
+        grad_b = gb if need_b and ctx.has_bias else None
+    return grad_x, grad_w, grad_b, None
+
+
+_conv_relu_pool_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------- public API
+
+
+def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int) -> None:
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"conv_relu_pool needs a 4-d input (N, C, H, W) and a 4-d weight (Cout, Cin, k, k); "
+                         f"got input {tuple(x.shape)} and weight {tuple(weight.shape)}")
+    c_out, c_in, kh, kw = weight.shape
+    if kh != kw:
+        raise ValueError(f"conv_relu_pool supports square kernels only; got {kh}x{kw}")
+    if not 1 <= kh <= MAX_KERNEL_SIZE:
+        raise ValueError(f"conv_relu_pool supports kernel sizes 1..{MAX_KERNEL_SIZE}; got {kh}")
+    if isinstance(padding, bool) or not isinstance(padding, int) or not 0 <= padding <= kh // 2:
+        raise ValueError(f"padding must be an int in 0..{kh // 2} (kernel size {kh}); got {padding!r}")
+    if x.shape[1] != c_in:
+        raise ValueError(f"input has {x.shape[1]} channels but the weight expects {c_in}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"conv_relu_pool supports float32, float16 and bfloat16; got {x.dtype}")
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        bias_dtype = None if bias is None else bias.dtype
+        raise ValueError(f"input, weight and bias must share one dtype (or run under torch.autocast); "
+                         f"got input {x.dtype}, weight {weight.dtype}, bias {bias_dtype}")
+    if bias is not None and tuple(bias.shape) != (c_out,):
+        raise ValueError(f"bias must have shape ({c_out},); got {tuple(bias.shape)}")
+    if weight.device != x.device or (bias is not None and bias.device != x.device):
+        raise ValueError("input, weight and bias must be on the same device")
+    hp, wp = _pooled_size(x.shape[2], x.shape[3], kh, padding)
+    if hp < 1 or wp < 1:
+        raise ValueError(f"input {x.shape[2]}x{x.shape[3]} with kernel {kh} and padding {padding} leaves a "
+                         f"{hp}x{wp} pooled output; it must be at least 1x1")
+
+
+def _autocast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    # Custom ops are not autocast by the dispatcher: cast like autocast casts conv2d's inputs.
+    device_type = x.device.type
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    return x, weight, bias
+
+
 def conv_relu_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                    padding: int = 0) -> torch.Tensor:
-    return conv_relu_pool_reference(x, weight, bias, padding)
+    """``max_pool2d(relu(conv2d(x, weight, bias, padding=padding)), 2, 2)`` as one fused op.
+
+    Args:
+        x: (N, Cin, H, W), float32 / float16 / bfloat16, NCHW or channels-last (any strides work).
+        weight: (Cout, Cin, k, k), same dtype, square kernel with 1 <= k <= 7.
+        bias: (Cout,) in the same dtype, or None.
+        padding: zero padding on every side, 0 <= padding <= k // 2. Stride and dilation are 1.
+
+    Returns:
+        (N, Cout, Ho // 2, Wo // 2) with Ho = H + 2 * padding - k + 1 (floor-mode pooling), in x's dtype;
+        channels-last when x is densely channels-last, NCHW otherwise. Under ``torch.autocast`` the inputs are
+        first cast to the autocast dtype, as autocast does for conv2d.
+
+    Gradients match the reference chain's routing: the first maximum of each 2x2 window (row-major) gets the
+    gradient, and none flows where the ReLU output is 0. Raises ValueError for unsupported shapes or dtypes.
+    """
+    x, weight, bias = _autocast(x, weight, bias)
+    _check_inputs(x, weight, bias, padding)
+    out, _ = torch.ops.fastcnn.conv_relu_pool(x, weight, bias, padding)
+    return out
