@@ -6,9 +6,50 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastcnn.ops import conv_relu_pool, conv_relu_pool_reference
+from fastcnn.ops import conv_relu_pool, conv_relu_pool_reference, fused_kernel_status
 
 KERNEL_CHOICES = ("auto", "triton", "torch")
+
+# The seam for GPU benchmark results (bench/test_bench_conv_relu_pool.py): layer shapes, as
+# (in_channels, out_channels, kernel_size, padding), for which cuDNN + ReLU + max_pool2d measured faster than
+# the fused kernel, so that ``kernel="auto"`` keeps the plain chain there. Empty until such numbers exist;
+# add an entry only with the benchmark command, device and versions that justified it.
+CUDNN_FASTER_SHAPES: frozenset[tuple[int, int, int, int]] = frozenset()
+
+
+def auto_prefers_fused(in_channels: int, out_channels: int, kernel_size: int, padding: int) -> bool:
+    """Whether ``kernel="auto"`` takes the fused op for this layer shape on a GPU where it is available."""
+    return (in_channels, out_channels, kernel_size, padding) not in CUDNN_FASTER_SHAPES
+
+
+@torch.compiler.assume_constant_result
+def _fused_available(device_type: str, index: int) -> bool:
+    # Asked from forward: under torch.compile the answer is computed once while tracing, never in the graph.
+    device = torch.device(device_type) if index < 0 else torch.device(device_type, index)
+    return fused_kernel_status(device)[0]
+
+
+def resolve_kernel(kernel: str, device: torch.device,
+                   layer: tuple[int, int, int, int] | None = None) -> str:
+    """The implementation a ``kernel`` choice means on ``device``: ``"triton"`` (the fused op) or ``"torch"``.
+
+    ``"torch"`` and ``"triton"`` mean themselves (``"triton"`` on CPU runs the Triton interpreter when
+    TRITON_INTERPRET=1 was set before import, else the op's plain-PyTorch branch). ``"auto"`` picks the fused
+    op on CUDA when its kernels can run there and ``auto_prefers_fused(*layer)`` (when ``layer`` is given);
+    on every other device, CPU included, it picks the plain chain: the interpreter is for tests, never for
+    training a model.
+    """
+    if kernel not in KERNEL_CHOICES:
+        raise ValueError(f"kernel must be one of {KERNEL_CHOICES}, got {kernel!r}")
+    if kernel != "auto":
+        return kernel
+    if device.type != "cuda":
+        return "torch"
+    if not _fused_available(device.type, -1 if device.index is None else device.index):
+        return "torch"
+    if layer is not None and not auto_prefers_fused(*layer):
+        return "torch"
+    return "triton"
 
 
 class ConvReLUPool2d(nn.Conv2d):
@@ -16,7 +57,7 @@ class ConvReLUPool2d(nn.Conv2d):
 
     Input (N, Cin, H, W), fp32/fp16/bf16, NCHW or channels-last; output (N, Cout, Ho // 2, Wo // 2) with
     Ho = H + 2 * padding - k + 1. ``kernel`` picks the implementation: ``"torch"`` is the plain-PyTorch chain,
-    ``"triton"`` the fused op, ``"auto"`` the faster of the two for this device.
+    ``"triton"`` the fused op, ``"auto"`` the fused op where it is available and faster (``resolve_kernel``).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, padding: int = 0,
@@ -29,15 +70,35 @@ class ConvReLUPool2d(nn.Conv2d):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, *, kernel: str = "auto") -> ConvReLUPool2d:
-        """A ConvReLUPool2d that shares ``conv``'s parameters (same tensors, so the same state_dict)."""
-        fused = cls(conv.in_channels, conv.out_channels, conv.kernel_size[0], padding=conv.padding[0],
+        """A ConvReLUPool2d that shares ``conv``'s parameters (same tensors, so the same state_dict).
+
+        Raises ValueError for a convolution the fused op cannot express (stride, dilation, groups, non-square
+        kernel or padding, non-zero padding mode).
+        """
+        k = conv.kernel_size
+        if isinstance(conv.padding, str):
+            raise ValueError(f"padding={conv.padding!r} is not supported; give the padding as a number")
+        problems = [
+            f"kernel_size={k}" if k[0] != k[1] else "",
+            f"stride={conv.stride}" if conv.stride != (1, 1) else "",
+            f"dilation={conv.dilation}" if conv.dilation != (1, 1) else "",
+            f"groups={conv.groups}" if conv.groups != 1 else "",
+            f"padding={conv.padding}" if conv.padding[0] != conv.padding[1] else "",
+            f"padding_mode={conv.padding_mode!r}" if conv.padding_mode != "zeros" else "",
+        ]
+        problems = [p for p in problems if p]
+        if problems:
+            raise ValueError(f"cannot fuse {conv}: {', '.join(problems)} (needs a square kernel, stride 1, "
+                             "dilation 1, groups 1, equal zero padding)")
+        fused = cls(conv.in_channels, conv.out_channels, k[0], padding=conv.padding[0],
                     bias=conv.bias is not None, kernel=kernel, device="meta")
         fused.weight = conv.weight
         fused.bias = conv.bias
         return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "torch":
+        layer = (self.in_channels, self.out_channels, self.kernel_size[0], self.padding[0])
+        if resolve_kernel(self.kernel, x.device, layer) == "torch":
             return conv_relu_pool_reference(x, self.weight, self.bias, self.padding[0])
         return conv_relu_pool(x, self.weight, self.bias, self.padding[0])
 
