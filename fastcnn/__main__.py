@@ -1,0 +1,5 @@
+import sys
+
+from fastcnn.cli import main
+
+sys.exit(main())

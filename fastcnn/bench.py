@@ -1,0 +1,231 @@
+"""``fastcnn bench``: what each optimization buys, measured on this device in one run.
+
+Step mode (default): for each configuration, untimed warm-up steps, then ``repeats`` timed runs of ``steps``
+training steps each (data loading included, because that is what the tutorial loop pays), with the device
+synchronized before every clock read; the median is reported. Epoch mode (``--epoch``): each configuration
+trains one full epoch, timed like ``fastcnn train`` (warm-up excluded), and is evaluated on the test set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import itertools
+import json
+import pathlib
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from fastcnn import env
+from fastcnn.config import ResolvedConfig, TrainConfig, resolve
+from fastcnn.engine import synchronize
+from fastcnn.errors import FastcnnError, UsageError
+from fastcnn.report import atomic_write_bytes, format_table, write_json
+from fastcnn.train import build_trainer, load_splits, warm_up
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """A named configuration: TrainConfig overrides on top of what the user passed."""
+
+    name: str
+    description: str
+    overrides: dict = field(default_factory=dict)
+
+
+_REFERENCE = dict(preset="reference")
+_DEVICE = dict(preset="reference", loader="device", kernel="torch")
+_CL = dict(_DEVICE, channels_last=True)
+_AMP = dict(_CL, amp=True)
+_COMPILE = dict(_AMP, compile=True)
+_FUSED = dict(_COMPILE, kernel="triton")
+_GRAPH = dict(_FUSED, cuda_graph=True)
+
+BENCH_CONFIGS = {c.name: c for c in (
+    BenchConfig("reference", "the tutorial program: DataLoader + per-sample transforms, eager fp32 NCHW", _REFERENCE),
+    BenchConfig("device", "+ dataset resident on the device, batches gathered there", _DEVICE),
+    BenchConfig("channels-last", "+ channels-last layout", _CL),
+    BenchConfig("amp", "+ autocast mixed precision (bf16, or fp16 with a GradScaler)", _AMP),
+    BenchConfig("compile", "+ torch.compile", _COMPILE),
+    BenchConfig("fused", "+ fused Triton Conv-ReLU-Pool kernel", _FUSED),
+    BenchConfig("cuda-graph", "+ whole training step captured as a CUDA graph", _GRAPH),
+    BenchConfig("dali", "the fast preset with the NVIDIA DALI loader in place of the device loader",
+                dict(preset="fast", loader="dali")),
+    BenchConfig("fast", "fastcnn's fast preset for this device (what `fastcnn train` runs)", dict(preset="fast")),
+)}
+ABLATION = ["reference", "device", "channels-last", "amp", "compile", "fused", "cuda-graph", "dali"]
+
+
+def parse_configs(text: str) -> list[BenchConfig]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in BENCH_CONFIGS]
+    if unknown or not names:
+        raise UsageError(f"unknown bench configuration(s) {', '.join(unknown) or '(none given)'}; "
+                         f"choose from: {', '.join(BENCH_CONFIGS)}")
+    return [BENCH_CONFIGS[name] for name in names]
+
+
+def configured(base: TrainConfig, bench: BenchConfig) -> TrainConfig:
+    """The user's options, then the configuration's: a bench line differs from the others only in these."""
+    return dataclasses.replace(base, **bench.overrides)
+
+
+def time_steps(rc: ResolvedConfig, train_set, test_set, *, steps: int, warmup: int, repeats: int) -> dict:
+    trainer, train_loader, test_loader = build_trainer(rc, train_set, test_set)
+    compile_seconds = warm_up(rc, trainer, train_loader, test_loader)
+
+    def batches():
+        for epoch in itertools.count():
+            train_loader.set_epoch(epoch)
+            yield from train_loader
+
+    stream = batches()
+    device = rc.torch_device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(warmup):
+        trainer.train_step(*next(stream))
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        started = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step(*next(stream))
+        synchronize(device)
+        times.append((time.perf_counter() - started) / steps)
+    step = statistics.median(times)
+    return dict(ms_per_step=step * 1e3, ms_per_step_p20=_quantile(times, 0.2) * 1e3,
+                ms_per_step_p80=_quantile(times, 0.8) * 1e3, images_per_second=rc.batch_size / step,
+                compile_seconds=compile_seconds, peak_memory_mb=_peak_mb(device))
+
+
+def time_epoch(rc: ResolvedConfig, train_set, test_set) -> dict:
+    trainer, train_loader, test_loader = build_trainer(rc, train_set, test_set)
+    compile_seconds = warm_up(rc, trainer, train_loader, test_loader)
+    if rc.torch_device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rc.torch_device)
+    train_loader.set_epoch(0)
+    stats = trainer.train_epoch(train_loader)
+    _, test_acc = trainer.evaluate(test_loader)
+    return dict(epoch_seconds=stats.seconds, images_per_second=stats.images_per_second,
+                ms_per_step=1e3 * stats.seconds / max(len(train_loader), 1), test_acc=test_acc,
+                compile_seconds=compile_seconds, peak_memory_mb=_peak_mb(rc.torch_device))
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _peak_mb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def run_bench(base: TrainConfig, configs: list[BenchConfig], *, steps: int = 50, warmup: int = 10,
+              repeats: int = 5, epoch: bool = False, log=sys.stderr) -> dict:
+    """Measure ``configs`` one after another on the same data; return the results document."""
+    if min(steps, repeats) < 1 or warmup < 0:
+        raise UsageError(f"--steps and --repeats must be >= 1 and --warmup >= 0 (got {steps}, {repeats}, {warmup})")
+    first = resolve(dataclasses.replace(base, preset="reference"))
+    train_set, test_set = load_splits(first)
+    rows, reference_rate, previous_rate = [], None, None
+    for bench in configs:
+        row = dict(config=bench.name, description=bench.description)
+        try:
+            rc = resolve(configured(base, bench))
+        except FastcnnError as unavailable:
+            row.update(skipped=str(unavailable))
+            rows.append(row)
+            print(f"  {bench.name}: skipped: {unavailable}", file=log)
+            continue
+        print(f"  {bench.name}: measuring ({rc.loader} loader, amp={rc.amp}, channels_last={rc.channels_last}, "
+              f"compile={rc.compile}, kernel={rc.kernel})", file=log)
+        measured = time_epoch(rc, train_set, test_set) if epoch else time_steps(
+            rc, train_set, test_set, steps=steps, warmup=warmup, repeats=repeats)
+        row.update(measured, settings=dict(loader=rc.loader, amp=rc.amp, amp_dtype=rc.amp_dtype if rc.amp else None,
+                                           channels_last=rc.channels_last, compile=rc.compile,
+                                           compile_mode=rc.compile_mode if rc.compile else None,
+                                           cuda_graph=rc.cuda_graph, kernel=rc.kernel))
+        rate = measured["images_per_second"]
+        reference_rate = reference_rate or rate
+        row["speedup_vs_first"] = rate / reference_rate
+        row["speedup_vs_previous"] = rate / previous_rate if previous_rate else None
+        previous_rate = rate
+        rows.append(row)
+    device = resolve(base).torch_device
+    return dict(
+        mode="epoch" if epoch else "steps", model=first.model, dataset=first.dataset, batch_size=first.batch_size,
+        steps=None if epoch else steps, warmup=None if epoch else warmup, repeats=None if epoch else repeats,
+        baseline=configs[0].name, device=str(device), device_name=env.device_name(device), versions=env.versions(),
+        git_commit=env.git_commit(), command=" ".join(["fastcnn"] + sys.argv[1:]),
+        date=datetime.datetime.now().isoformat(timespec="seconds"), results=rows)
+
+
+def format_results(doc: dict) -> str:
+    epoch = doc["mode"] == "epoch"
+    columns = [("config", "config", "s"), ("images_per_second", "images/s", ",.0f"), ("ms_per_step", "ms/step", ".3f")]
+    if epoch:
+        columns += [("epoch_seconds", "epoch s", ".2f"), ("test_acc", "test acc", ".2f")]
+    columns += [("speedup_vs_first", f"x {doc['baseline']}", ".2f"), ("speedup_vs_previous", "x previous", ".2f"),
+                ("peak_memory_mb", "peak MiB", ".1f")]
+    measured = [row for row in doc["results"] if "skipped" not in row]
+    lines = [f"{doc['model']} on {doc['dataset']}, batch {doc['batch_size']}, {doc['device_name']}, torch "
+             f"{doc['versions']['torch']}" + ("" if epoch else f"; median of {doc['repeats']} x {doc['steps']} steps "
+                                                                f"after {doc['warmup']} warm-up"), ""]
+    lines.append(format_table(measured, columns) if measured else "(nothing measured)")
+    for row in doc["results"]:
+        if "skipped" in row:
+            lines.append(f"skipped {row['config']}: {row['skipped']}")
+    return "\n".join(lines)
+
+
+def plot_results(path: pathlib.Path, doc: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = [row for row in doc["results"] if "skipped" not in row]
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(measured) + 1.5))
+    names = [row["config"] for row in measured][::-1]
+    rates = [row["images_per_second"] for row in measured][::-1]
+    bars = ax.barh(names, rates, color="tab:blue")
+    for bar, row in zip(bars, measured[::-1]):
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {row['speedup_vs_first']:.1f}x",
+                va="center")
+    ax.set_xlabel("training images / s (higher is better)")
+    ax.set_title(f"{doc['model']}, batch {doc['batch_size']}, {doc['device_name']}", fontsize=9)
+    ax.set_xlim(0, max(rates) * 1.2 if rates else 1)
+    fig.tight_layout()
+    atomic_write_bytes(path, lambda file: fig.savefig(file, format="png", dpi=100))
+    plt.close(fig)
+
+
+def run_bench_command(args, base: TrainConfig) -> dict | None:
+    if args.list:
+        for bench in BENCH_CONFIGS.values():
+            print(f"{bench.name:<14} {bench.description}")
+        print(f"\n--ablation runs: {', '.join(ABLATION)}")
+        return None
+    configs = parse_configs(",".join(ABLATION) if args.ablation else args.configs)
+    for path in (args.json, args.plot):  # refuse before measuring, not after
+        if path and pathlib.Path(path).exists() and not args.overwrite:
+            raise UsageError(f"{path} already exists; pass --overwrite or another path")
+    base = dataclasses.replace(base, progress=False)
+    doc = run_bench(base, configs, steps=args.steps, warmup=args.warmup, repeats=args.repeats, epoch=args.epoch)
+    print(format_results(doc))
+    if args.json:
+        write_json(pathlib.Path(args.json), doc)
+        print(f"\nresults written to {args.json}")
+    if args.plot:
+        plot_results(pathlib.Path(args.plot), doc)
+        print(f"chart written to {args.plot}")
+    return doc
+
+
+def load_results(path: str | pathlib.Path) -> dict:
+    return json.loads(pathlib.Path(path).read_text())

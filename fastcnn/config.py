@@ -1,0 +1,213 @@
+"""Training configuration: what the user asked for (``TrainConfig``, ``None`` = let the preset decide) and
+what will run (``resolve`` fills every field for the chosen device, and rejects what cannot run here).
+
+Presets:
+- ``reference``: the tutorial program exactly: torch DataLoader with per-sample transforms, the tutorial's own
+  model class, eager fp32, contiguous NCHW.
+- ``fast``: what measurably helps on the device. CPU (2 cores, measured in DESIGN.md and the README): device-
+  resident data, channels-last, bf16 autocast; torch.compile stays off there because it was slower. CUDA: the
+  same plus torch.compile and the fused Triton kernel.
+Explicit flags always override the preset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from fastcnn.data import DATASETS, LOADERS
+from fastcnn.errors import NotAvailableError, UsageError
+from fastcnn.models import get_spec
+from fastcnn.nn import KERNEL_CHOICES
+
+PRESETS = ("fast", "reference")
+OPTIMIZERS = ("adam", "sgd")
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = ("auto", "cpu", "cuda")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+MAX_BATCH_SIZE = 1 << 20
+
+
+@dataclass
+class TrainConfig:
+    """A training run as asked for. Fields left at None are decided by the preset and the model's recipe."""
+
+    model: str = "simplecnn"
+    dataset: str | None = None
+    data_dir: str | None = None
+    download: bool = True
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    opt: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    preset: str = "fast"
+    loader: str | None = None
+    amp: bool | None = None
+    amp_dtype: str | None = None
+    channels_last: bool | None = None
+    compile: bool | None = None
+    compile_mode: str | None = None
+    cuda_graph: bool | None = None
+    kernel: str | None = None
+    output: str | None = None
+    resume: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+    train_subset: int | None = None
+    test_subset: int | None = None
+    synthetic_size: tuple[int, int] = (60_000, 10_000)
+    target_acc: float | None = None
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """Every choice made: this is what runs, and what summary.json records."""
+
+    model: str
+    dataset: str
+    data_dir: str | None
+    download: bool
+    epochs: int
+    batch_size: int
+    lr: float
+    opt: str
+    seed: int
+    device: str
+    preset: str
+    loader: str
+    amp: bool
+    amp_dtype: str
+    channels_last: bool
+    compile: bool
+    compile_mode: str
+    cuda_graph: bool
+    kernel: str
+    reference_model: bool
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    train_subset: int | None
+    test_subset: int | None
+    synthetic_size: tuple[int, int]
+    target_acc: float | None
+    num_workers: int
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return AMP_DTYPES[self.amp_dtype] if self.amp else None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def pick_device(requested: str) -> str:
+    if requested not in DEVICES:
+        raise UsageError(f"unknown device {requested!r}; choose one of: {', '.join(DEVICES)}")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise NotAvailableError("--device cuda was given but no CUDA GPU is visible to torch "
+                                f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
+                                "use --device cpu or --device auto")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def preset_defaults(preset: str, device: str) -> dict:
+    """The options a preset turns on for a device type (see the module docstring for the measurements)."""
+    if preset == "reference":
+        return dict(loader="torch", amp=False, channels_last=False, compile=False, cuda_graph=False,
+                    kernel="torch", reference_model=True)
+    on_gpu = device == "cuda"
+    return dict(loader="device", amp=True, channels_last=True, compile=on_gpu, cuda_graph=False,
+                kernel="auto", reference_model=False)
+
+
+def default_amp_dtype(device: str) -> str:
+    if device == "cuda" and not torch.cuda.is_bf16_supported():
+        return "float16"
+    return "bfloat16"
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise UsageError(message)
+
+
+def resolve(cfg: TrainConfig) -> ResolvedConfig:
+    """Fill in every option from the preset and the model's tutorial recipe; reject impossible requests."""
+    spec = get_spec(cfg.model)
+    _require(cfg.preset in PRESETS, f"unknown preset {cfg.preset!r}; choose one of: {', '.join(PRESETS)}")
+    recipe = spec.recipe
+    dataset = cfg.dataset or recipe.dataset
+    _require(dataset in DATASETS, f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
+    epochs = recipe.epochs if cfg.epochs is None else cfg.epochs
+    batch_size = recipe.batch_size if cfg.batch_size is None else cfg.batch_size
+    lr = recipe.lr if cfg.lr is None else cfg.lr
+    opt = cfg.opt or recipe.opt
+    _require(epochs >= 1, f"--epochs must be at least 1, got {epochs}")
+    _require(1 <= batch_size <= MAX_BATCH_SIZE, f"--batch-size must be between 1 and {MAX_BATCH_SIZE}, got {batch_size}")
+    _require(lr > 0 and lr == lr and lr != float("inf"), f"--lr must be a positive finite number, got {lr}")
+    _require(opt in OPTIMIZERS, f"unknown optimizer {opt!r}; choose one of: {', '.join(OPTIMIZERS)}")
+    for name in ("train_subset", "test_subset"):
+        value = getattr(cfg, name)
+        _require(value is None or value >= 1, f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    _require(cfg.target_acc is None or 0 < cfg.target_acc <= 100,
+             f"--target-acc is a test accuracy in percent (0, 100], got {cfg.target_acc}")
+    _require(cfg.num_workers >= 0, f"--workers must be >= 0, got {cfg.num_workers}")
+
+    device = pick_device(cfg.device)
+    chosen = preset_defaults(cfg.preset, device)
+    for key in ("loader", "amp", "channels_last", "compile", "cuda_graph", "kernel"):
+        if getattr(cfg, key) is not None:
+            chosen[key] = getattr(cfg, key)
+    if cfg.kernel is not None and cfg.preset == "reference":
+        chosen["reference_model"] = False  # --kernel asks for fastcnn's model with that implementation
+    _require(chosen["loader"] in LOADERS, f"unknown loader {chosen['loader']!r}; choose one of: {', '.join(LOADERS)}")
+    _require(chosen["kernel"] in KERNEL_CHOICES,
+             f"unknown kernel {chosen['kernel']!r}; choose one of: {', '.join(KERNEL_CHOICES)}")
+    amp_dtype = cfg.amp_dtype or default_amp_dtype(device)
+    _require(amp_dtype in AMP_DTYPES, f"unknown --amp-dtype {amp_dtype!r}; choose one of: {', '.join(AMP_DTYPES)}")
+    compile_mode = cfg.compile_mode or "default"
+    _require(compile_mode in COMPILE_MODES,
+             f"unknown --compile-mode {compile_mode!r}; choose one of: {', '.join(COMPILE_MODES)}")
+    _check_available(chosen, device, amp_dtype)
+    return ResolvedConfig(
+        model=cfg.model, dataset=dataset, data_dir=cfg.data_dir, download=cfg.download, epochs=epochs,
+        batch_size=batch_size, lr=lr, opt=opt, seed=cfg.seed, device=device, preset=cfg.preset,
+        loader=chosen["loader"], amp=chosen["amp"], amp_dtype=amp_dtype, channels_last=chosen["channels_last"],
+        compile=chosen["compile"], compile_mode=compile_mode, cuda_graph=chosen["cuda_graph"],
+        kernel=chosen["kernel"], reference_model=chosen["reference_model"], mean=tuple(recipe.mean),
+        std=tuple(recipe.std), train_subset=cfg.train_subset, test_subset=cfg.test_subset,
+        synthetic_size=tuple(cfg.synthetic_size), target_acc=cfg.target_acc, num_workers=cfg.num_workers)
+
+
+def _check_available(chosen: dict, device: str, amp_dtype: str) -> None:
+    """Fail with a clear message, before any work, for options this build or this machine cannot run."""
+    if chosen["cuda_graph"]:
+        if device != "cuda":
+            raise NotAvailableError("--cuda-graph needs a CUDA GPU (this run is on the CPU); drop the flag")
+        raise NotAvailableError("--cuda-graph (whole-step CUDA graph capture) is not implemented in this "
+                                "version of fastcnn yet; run without it")
+    if chosen["loader"] == "dali":
+        from fastcnn.data.dali_status import dali_status
+
+        ok, why = dali_status()
+        if not ok:
+            raise NotAvailableError(f"--loader dali is not available here: {why}; use --loader device")
+    if chosen["amp"] and amp_dtype == "float16" and device == "cpu":
+        raise NotAvailableError("--amp-dtype float16 needs a CUDA GPU (the CPU autocasts to bfloat16); "
+                                "use --amp-dtype bfloat16 or --no-amp")
+    if chosen["kernel"] == "triton":
+        from fastcnn.ops import fused_kernel_status
+
+        ok, why = fused_kernel_status(torch.device(device))
+        if not ok:
+            raise NotAvailableError(f"--kernel triton cannot run here: {why}; use --kernel auto or torch")

@@ -1,0 +1,207 @@
+"""The training step, epoch loop and evaluation: one implementation for every preset.
+
+What the fast path changes is set up once here (autocast, channels-last, torch.compile, the fused kernel
+inside the model); the loop itself never synchronizes with the device except to refresh the progress bar and
+to read the clock, so on a GPU the host runs ahead of the kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastcnn.errors import TrainingDivergedError
+
+PROGRESS_REFRESH_STEPS = 50
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device, so that a clock read after it measures finished work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+@dataclass
+class EpochStats:
+    """Training loss and accuracy over an epoch, with its wall time (device synchronized)."""
+
+    loss: float
+    accuracy: float
+    samples: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else float("nan")
+
+
+@dataclass
+class EpochProgress:
+    """Running sums of an epoch in progress, kept on the device (no sync per step)."""
+
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    samples: int = 0
+    seconds: float = 0.0
+    batches: int = 0
+
+    @classmethod
+    def start(cls, device: torch.device) -> EpochProgress:
+        return cls(torch.zeros((), dtype=torch.float64, device=device),
+                   torch.zeros((), dtype=torch.int64, device=device))
+
+    def to_dict(self) -> dict:
+        return dict(loss_sum=float(self.loss_sum), correct=int(self.correct), samples=self.samples,
+                    seconds=self.seconds, batches=self.batches)
+
+    @classmethod
+    def from_dict(cls, state: dict, device: torch.device) -> EpochProgress:
+        return cls(torch.tensor(state["loss_sum"], dtype=torch.float64, device=device),
+                   torch.tensor(state["correct"], dtype=torch.int64, device=device),
+                   state["samples"], state["seconds"], state["batches"])
+
+    def finish(self) -> EpochStats:
+        samples = max(self.samples, 1)
+        return EpochStats(float(self.loss_sum) / samples, 100.0 * int(self.correct) / samples,
+                          self.samples, self.seconds)
+
+
+class Trainer:
+    """Runs training steps and evaluation of ``model`` on ``device`` with the given speed options.
+
+    ``model`` is moved to the device (and to channels-last when asked) before the optimizer is built over its
+    parameters; ``compile`` wraps the model with torch.compile (the step's forward and backward compile).
+    """
+
+    def __init__(self, model: nn.Module, *, device: torch.device, opt: str = "adam", lr: float = 1e-3,
+                 amp_dtype: torch.dtype | None = None, channels_last: bool = False, compile: bool = False,
+                 compile_mode: str = "default"):
+        self.device = device
+        self.model = model.to(device)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(opt, self.model.parameters(), lr)
+        self.amp_dtype = amp_dtype
+        # float16 needs loss scaling to keep small gradients; bfloat16 has fp32's range and does not.
+        self.scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+        self.forward_model = torch.compile(self.model, mode=compile_mode) if compile else self.model
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on a batch. Returns (loss, logits) as device tensors, without synchronizing."""
+        with self.autocast():
+            logits = self.forward_model(images)
+            loss = F.cross_entropy(logits, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        return loss.detach(), logits.detach()
+
+    def train_epoch(self, loader, *, progress: EpochProgress | None = None, bar=None,
+                    on_batch=None) -> EpochStats:
+        """Train over ``loader`` (already set to its epoch). ``progress`` carries the sums of an epoch resumed
+        in the middle; ``bar`` is a tqdm bar or None; ``on_batch(progress)`` runs after each step."""
+        self.model.train()
+        progress = progress or EpochProgress.start(self.device)
+        synchronize(self.device)
+        started = time.perf_counter()
+        clock_base = progress.seconds
+        for images, labels in loader:
+            loss, logits = self.train_step(images, labels)
+            count = labels.shape[0]
+            progress.loss_sum += loss.double() * count
+            progress.correct += (logits.argmax(1) == labels).sum()
+            progress.samples += count
+            progress.batches += 1
+            if bar is not None:
+                bar.update(1)
+                if progress.batches % PROGRESS_REFRESH_STEPS == 0:
+                    self._refresh_bar(bar, loss, progress, clock_base + time.perf_counter() - started)
+            if on_batch is not None:
+                progress.seconds = clock_base + time.perf_counter() - started
+                on_batch(progress)
+        synchronize(self.device)
+        progress.seconds = clock_base + time.perf_counter() - started
+        stats = progress.finish()
+        check_finite(stats.loss, "training")
+        if bar is not None:
+            bar.set_postfix(loss=f"{stats.loss:.4f}", img_s=f"{stats.images_per_second:,.0f}")
+        return stats
+
+    @staticmethod
+    def _refresh_bar(bar, loss: torch.Tensor, progress: EpochProgress, elapsed: float) -> None:
+        value = float(loss)  # the one sync every PROGRESS_REFRESH_STEPS steps
+        check_finite(value, "training")
+        bar.set_postfix(loss=f"{value:.4f}", img_s=f"{progress.samples / max(elapsed, 1e-9):,.0f}")
+
+    @torch.no_grad()
+    def evaluate(self, loader) -> tuple[float, float]:
+        """Mean cross-entropy and accuracy (percent) over ``loader``."""
+        self.model.eval()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        samples = 0
+        for images, labels in loader:
+            with self.autocast():
+                logits = self.forward_model(images)
+                loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+            loss_sum += loss.double()
+            correct += (logits.argmax(1) == labels).sum()
+            samples += labels.shape[0]
+        self.model.train()
+        samples = max(samples, 1)
+        return float(loss_sum) / samples, 100.0 * int(correct) / samples
+
+    def warm_up(self, batch: tuple[torch.Tensor, torch.Tensor], eval_batch, steps: int = 3) -> float:
+        """Run ``steps`` training steps and one evaluation, then put model and optimizer back as they were.
+
+        This pays one-time costs (torch.compile, autotuning, cuDNN algorithm search) outside the timed epochs.
+        Returns the seconds it took.
+        """
+        synchronize(self.device)
+        started = time.perf_counter()
+        model_state = copy.deepcopy(self.model.state_dict())
+        optimizer_state = copy.deepcopy(self.optimizer.state_dict())
+        scaler_state = copy.deepcopy(self.scaler.state_dict()) if self.scaler is not None else None
+        rng_state = torch.get_rng_state()
+        for _ in range(steps):
+            self.train_step(*batch)
+        if eval_batch is not None:
+            self.evaluate([eval_batch])
+        self.model.load_state_dict(model_state)
+        self.optimizer.load_state_dict(optimizer_state)  # replaces the state, so warm-up's moments go too
+        if scaler_state is not None:
+            self.scaler.load_state_dict(scaler_state)
+        torch.set_rng_state(rng_state)
+        synchronize(self.device)
+        return time.perf_counter() - started
+
+
+def check_finite(value: float, where: str) -> None:
+    if not math.isfinite(value):
+        raise TrainingDivergedError(f"the {where} loss became {value}; lower --lr (or use --no-amp / "
+                                    "--amp-dtype bfloat16); the last good checkpoint is kept")

@@ -1,0 +1,299 @@
+"""``fastcnn train``: one training run from a TrainConfig, with its outputs.
+
+Order matters for "nothing lost": every check that can fail (arguments, checkpoint, dataset, output folder)
+runs before the output folder is created or touched; files in it are replaced atomically; a run that fails
+before finishing an epoch removes the folder it created; Ctrl-C / SIGTERM stop at a step boundary and write
+a checkpoint from which ``--resume`` continues exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import pathlib
+import shutil
+import signal
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from fastcnn import env
+from fastcnn.checkpoint import load_checkpoint, save_checkpoint
+from fastcnn.config import ResolvedConfig, TrainConfig, resolve
+from fastcnn.data import ImageDataset, load_dataset, make_loader
+from fastcnn.engine import EpochProgress, Trainer, synchronize
+from fastcnn.errors import FastcnnError, TrainingDivergedError, UsageError
+from fastcnn.models import build_model
+from fastcnn.report import EPOCH_COLUMNS, format_table, plot_curves, write_json, write_metrics
+
+RUN_FILES = ("summary.json", "metrics.jsonl", "checkpoint.pt", "curves.png")
+EVAL_BATCH_SIZE = 1000
+
+
+class Interrupted(Exception):
+    """Training was asked to stop (SIGINT or SIGTERM); raised at a step boundary."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+class StopRequests:
+    """Turns SIGINT/SIGTERM into a flag checked after each step; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous = {}
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def check(self, *_):
+        if self.signum is not None:
+            raise Interrupted(self.signum)
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        return False
+
+
+def load_splits(rc: ResolvedConfig) -> tuple[ImageDataset, ImageDataset]:
+    kwargs = dict(root=rc.data_dir, download=rc.download, synthetic_size=rc.synthetic_size, seed=rc.seed)
+    train = load_dataset(rc.dataset, True, **kwargs).subset(rc.train_subset)
+    test = load_dataset(rc.dataset, False, **kwargs).subset(rc.test_subset)
+    return train, test
+
+
+def build_loaders(rc: ResolvedConfig, train_set: ImageDataset, test_set: ImageDataset, *, rank: int = 0,
+                  world_size: int = 1):
+    # The device loader can emit the autocast dtype directly: the first layer would cast it anyway.
+    dtype = rc.autocast_dtype if (rc.amp and rc.loader != "torch") else torch.float32
+    options = dict(device=rc.torch_device, seed=rc.seed, mean=rc.mean, std=rc.std, dtype=dtype,
+                   channels_last=rc.channels_last)
+    if rc.loader == "torch":
+        options["num_workers"] = rc.num_workers
+    train_loader = make_loader(rc.loader, train_set, rc.batch_size, shuffle=True, rank=rank,
+                               world_size=world_size, **options)
+    eval_kind = "torch" if rc.loader == "torch" else "device"
+    eval_options = {k: v for k, v in options.items() if k != "num_workers" or eval_kind == "torch"}
+    test_loader = make_loader(eval_kind, test_set, max(rc.batch_size, EVAL_BATCH_SIZE), shuffle=False,
+                              **eval_options)
+    return train_loader, test_loader
+
+
+def build_trainer(rc: ResolvedConfig, train_set: ImageDataset, test_set: ImageDataset, *, rank: int = 0,
+                  world_size: int = 1):
+    """Model (seeded), optimizer and loaders for ``rc``: everything a run needs before its first step."""
+    torch.manual_seed(rc.seed)
+    model = build_model(rc.model, kernel=rc.kernel, reference_impl=rc.reference_model)
+    trainer = Trainer(model, device=rc.torch_device, opt=rc.opt, lr=rc.lr, amp_dtype=rc.autocast_dtype,
+                      channels_last=rc.channels_last, compile=rc.compile, compile_mode=rc.compile_mode)
+    train_loader, test_loader = build_loaders(rc, train_set, test_set, rank=rank, world_size=world_size)
+    return trainer, train_loader, test_loader
+
+
+def warm_up(rc: ResolvedConfig, trainer: Trainer, train_loader, test_loader) -> float:
+    """Pay one-time costs (compilation, autotuning) before the clock starts; returns their seconds.
+    Model, optimizer and RNG are put back as they were, so training itself is unchanged."""
+    seconds = 0.0
+    if rc.compile or (rc.kernel != "torch" and rc.device == "cuda"):
+        seconds = trainer.warm_up(next(iter(train_loader)), next(iter(test_loader)))
+    synchronize(rc.torch_device)
+    return seconds
+
+
+def default_output_dir(model: str) -> pathlib.Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = pathlib.Path("runs") / f"{stamp}-{model}"
+    suffix = 1
+    while path.exists():
+        suffix += 1
+        path = pathlib.Path("runs") / f"{stamp}-{model}-{suffix}"
+    return path
+
+
+def check_output_dir(output: pathlib.Path, *, overwrite: bool, resume: pathlib.Path | None) -> None:
+    """Refuse to write over a finished or started run unless asked to (nothing saved before is lost)."""
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output {output} exists and is not a directory; choose another --output")
+    existing = [name for name in RUN_FILES if (output / name).exists()]
+    if not existing or overwrite:
+        return
+    if resume is not None and resume.resolve().parent == output.resolve():
+        return
+    raise UsageError(f"--output {output} already holds a run ({', '.join(existing)}); pass --overwrite to "
+                     f"replace it, --resume {output / 'checkpoint.pt'} to continue it, or another --output")
+
+
+def run_training(cfg: TrainConfig, *, stream=sys.stdout) -> dict:
+    """Train as ``cfg`` says; return the summary (also written to <output>/summary.json)."""
+    started = time.perf_counter()
+    resume_state = None
+    if cfg.resume:
+        resume_state = load_checkpoint(cfg.resume, model_name=cfg.model)
+        rc = resume_config(resume_state, cfg)
+    else:
+        rc = resolve(cfg)
+    train_set, test_set = load_splits(rc)
+    output = pathlib.Path(cfg.output) if cfg.output else (
+        pathlib.Path(cfg.resume).parent if cfg.resume else default_output_dir(rc.model))
+    check_output_dir(output, overwrite=cfg.overwrite, resume=pathlib.Path(cfg.resume) if cfg.resume else None)
+
+    trainer, train_loader, test_loader = build_trainer(rc, train_set, test_set)
+    history: list[dict] = []
+    start_epoch, start_batch, partial, train_seconds = 0, 0, None, 0.0
+    if resume_state is not None:
+        trainer.model.load_state_dict(resume_state["model"])
+        trainer.optimizer.load_state_dict(resume_state["optimizer"])
+        if trainer.scaler is not None and resume_state.get("scaler"):
+            trainer.scaler.load_state_dict(resume_state["scaler"])
+        history = list(resume_state["history"])
+        start_epoch, start_batch = resume_state["epoch"], resume_state["batch"]
+        train_seconds = resume_state["train_seconds"]
+        if resume_state.get("partial"):
+            partial = EpochProgress.from_dict(resume_state["partial"], rc.torch_device)
+        restore_rng(resume_state["rng"])
+
+    warmup_seconds = warm_up(rc, trainer, train_loader, test_loader)
+    setup_seconds = time.perf_counter() - started
+
+    created = not output.exists()
+    output.mkdir(parents=True, exist_ok=True)
+    if cfg.overwrite and resume_state is None:
+        for name in RUN_FILES:
+            (output / name).unlink(missing_ok=True)
+    checkpoint_path = output / "checkpoint.pt"
+    eval_seconds, time_to_target = 0.0, None
+    if rc.target_acc is not None:
+        time_to_target = next((row["train_seconds"] for row in history if row["test_acc"] >= rc.target_acc), None)
+
+    def checkpoint_state(epoch: int, batch: int, progress: EpochProgress | None) -> dict:
+        return dict(model_name=rc.model, model=trainer.model.state_dict(), optimizer=trainer.optimizer.state_dict(),
+                    scaler=trainer.scaler.state_dict() if trainer.scaler is not None else None, epoch=epoch,
+                    batch=batch, partial=progress.to_dict() if progress is not None else None,
+                    history=history, train_seconds=train_seconds, config=config_dict(rc), rng=capture_rng())
+
+    try:
+        with StopRequests() as stop:
+            for epoch in range(start_epoch, rc.epochs):
+                train_loader.set_epoch(epoch, start_batch)
+                bar = tqdm(total=len(train_loader), initial=start_batch, desc=f"epoch {epoch + 1}/{rc.epochs}",
+                           unit="batch", disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True)
+                progress = partial or EpochProgress.start(rc.torch_device)
+                partial, start_batch = None, 0
+                try:
+                    stats = trainer.train_epoch(train_loader, progress=progress, bar=bar, on_batch=stop.check)
+                except Interrupted:
+                    bar.close()
+                    save_checkpoint(checkpoint_path, checkpoint_state(epoch, progress.batches, progress))
+                    raise
+                bar.close()
+                train_seconds += stats.seconds
+                eval_started = time.perf_counter()
+                test_loss, test_acc = trainer.evaluate(test_loader)
+                eval_seconds += time.perf_counter() - eval_started
+                history.append(dict(epoch=epoch + 1, train_loss=stats.loss, train_acc=stats.accuracy,
+                                    test_loss=test_loss, test_acc=test_acc, epoch_seconds=stats.seconds,
+                                    images_per_second=stats.images_per_second, train_seconds=train_seconds))
+                if time_to_target is None and rc.target_acc is not None and test_acc >= rc.target_acc:
+                    time_to_target = train_seconds
+                write_metrics(output / "metrics.jsonl", history)
+                save_checkpoint(checkpoint_path, checkpoint_state(epoch + 1, 0, None))
+                stop.check()
+    except Interrupted as stop_request:
+        print(f"fastcnn: interrupted by {stop_request}; checkpoint saved to {checkpoint_path}; continue with "
+              f"`fastcnn train --resume {checkpoint_path}`", file=sys.stderr)
+        raise
+    except (TrainingDivergedError, Exception) as failure:
+        if created and not history:
+            shutil.rmtree(output, ignore_errors=True)  # nothing worth keeping: leave no half-made run behind
+        elif isinstance(failure, TrainingDivergedError) and checkpoint_path.exists():
+            raise TrainingDivergedError(f"{failure}: {checkpoint_path}") from None
+        raise
+
+    last = history[-1]
+    samples = sum(row["images_per_second"] * row["epoch_seconds"] for row in history)
+    summary = dict(
+        model=rc.model, dataset=rc.dataset, preset=rc.preset, epochs=len(history),
+        test_acc=last["test_acc"], test_loss=last["test_loss"], train_acc=last["train_acc"],
+        train_loss=last["train_loss"], train_seconds=train_seconds, setup_seconds=setup_seconds,
+        warmup_seconds=warmup_seconds, eval_seconds=eval_seconds,
+        images_per_second=samples / train_seconds if train_seconds > 0 else None,
+        target_acc=rc.target_acc, time_to_target=time_to_target,
+        config=config_dict(rc), device_name=env.device_name(rc.torch_device), versions=env.versions(),
+        git_commit=env.git_commit(), output=str(output), command=" ".join(sys.argv),
+        finished_at=datetime.datetime.now().isoformat(timespec="seconds"))
+    write_json(output / "summary.json", summary)
+    plot_curves(output / "curves.png", history, f"{rc.model} on {rc.dataset} ({rc.preset} preset, {rc.device})")
+    print_summary(summary, history, stream)
+    return summary
+
+
+def print_summary(summary: dict, history: list[dict], stream) -> None:
+    print(format_table(history, EPOCH_COLUMNS), file=stream)
+    line = (f"\n{summary['model']} on {summary['dataset']}: test acc {summary['test_acc']:.2f}% | train "
+            f"{summary['train_seconds']:.2f} s ({summary['images_per_second']:,.0f} images/s) | setup "
+            f"{summary['setup_seconds']:.2f} s | eval {summary['eval_seconds']:.2f} s | {summary['device_name']}")
+    if summary["target_acc"] is not None:
+        reached = summary["time_to_target"]
+        line += (f"\ntime to {summary['target_acc']:.2f}% test accuracy: " +
+                 (f"{reached:.2f} s of training" if reached is not None else "not reached"))
+    print(line + f"\noutputs in {summary['output']}", file=stream)
+
+
+def config_dict(rc: ResolvedConfig) -> dict:
+    data = rc.to_dict()
+    data["mean"], data["std"], data["synthetic_size"] = list(rc.mean), list(rc.std), list(rc.synthetic_size)
+    return data
+
+
+def resume_config(state: dict, cfg: TrainConfig) -> ResolvedConfig:
+    """The checkpoint's own configuration; only --epochs (to train longer) and --data-dir may change."""
+    saved = dict(state["config"])
+    saved["mean"], saved["std"] = tuple(saved["mean"]), tuple(saved["std"])
+    saved["synthetic_size"] = tuple(saved["synthetic_size"])
+    if cfg.epochs is not None:
+        if cfg.epochs < 1:
+            raise UsageError(f"--epochs must be at least 1, got {cfg.epochs}")
+        saved["epochs"] = cfg.epochs
+    if cfg.data_dir is not None:
+        saved["data_dir"] = cfg.data_dir
+    fields = {f.name for f in dataclasses.fields(ResolvedConfig)}
+    try:
+        rc = ResolvedConfig(**{k: v for k, v in saved.items() if k in fields})
+    except TypeError as err:
+        raise FastcnnError(f"checkpoint {cfg.resume} has an incompatible configuration ({err})") from None
+    if rc.device == "cuda" and not torch.cuda.is_available():
+        raise FastcnnError(f"checkpoint {cfg.resume} was trained on CUDA but no GPU is visible; resume it on a GPU")
+    if state["epoch"] >= rc.epochs:
+        raise UsageError(f"checkpoint {cfg.resume} already finished {state['epoch']} of {rc.epochs} epochs; "
+                         f"pass --epochs N with N > {state['epoch']} to train longer")
+    return rc
+
+
+def capture_rng() -> dict:
+    return dict(torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
