@@ -271,12 +271,16 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def _autocast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    # Custom ops are not autocast by the dispatcher: cast like autocast casts conv2d's inputs.
+    # Custom ops are not autocast by the dispatcher: cast like autocast casts conv2d's inputs (every floating
+    # tensor but float64, which autocast leaves alone and the checks then reject).
     device_type = x.device.type
     if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
+
+        def cast(t):
+            return t.to(dtype) if t is not None and t.dtype in SUPPORTED_DTYPES else t
+
+        x, weight, bias = cast(x), cast(weight), cast(bias)
     return x, weight, bias
 
 
