@@ -126,43 +126,80 @@ def _peak_mb(device: torch.device) -> float | None:
 
 
 def run_bench(base: TrainConfig, configs: list[BenchConfig], *, steps: int = 50, warmup: int = 10,
-              repeats: int = 5, epoch: bool = False, log=sys.stderr) -> dict:
-    """Measure ``configs`` one after another on the same data; return the results document."""
+              repeats: int | None = None, epoch: bool = False, log=None) -> dict:
+    """Measure ``configs`` on the same data; return the results document.
+
+    Step mode measures each configuration in turn (``repeats`` timed runs after warm-up). Epoch mode runs
+    ``repeats`` rounds (default 1), each training one epoch of every configuration in turn (ABAB order), so
+    that a slow spell of a shared machine affects all configurations alike; it reports the medians.
+    """
+    log = log or sys.stderr
+    repeats = repeats if repeats is not None else (1 if epoch else 5)
     if min(steps, repeats) < 1 or warmup < 0:
         raise UsageError(f"--steps and --repeats must be >= 1 and --warmup >= 0 (got {steps}, {repeats}, {warmup})")
     first = resolve(dataclasses.replace(base, preset="reference"))
     train_set, test_set = load_splits(first)
-    rows, reference_rate, previous_rate = [], None, None
+    rows, runnable = [], []
     for bench in configs:
         row = dict(config=bench.name, description=bench.description)
+        rows.append(row)
         try:
             rc = resolve(configured(base, bench))
         except FastcnnError as unavailable:
-            row.update(skipped=str(unavailable))
-            rows.append(row)
-            print(f"  {bench.name}: skipped: {unavailable}", file=log)
+            row["skipped"] = str(unavailable)
+        else:
+            if rc.device == "cpu" and rc.kernel == "triton":
+                row["skipped"] = ("the fused Triton kernel runs on a CPU only under the Triton interpreter (a "
+                                  "correctness tool, far slower than aten); measure it on a GPU")
+            else:
+                row["settings"] = dict(loader=rc.loader, amp=rc.amp, amp_dtype=rc.amp_dtype if rc.amp else None,
+                                       channels_last=rc.channels_last, compile=rc.compile,
+                                       compile_mode=rc.compile_mode if rc.compile else None,
+                                       cuda_graph=rc.cuda_graph, kernel=rc.kernel)
+                runnable.append((row, rc))
+        if "skipped" in row:
+            print(f"  {bench.name}: skipped: {row['skipped']}", file=log)
+    samples: dict[str, list[dict]] = {row["config"]: [] for row, _ in runnable}
+    for round_index in range(repeats if epoch else 1):
+        for row, rc in runnable:
+            if "failed" in row:
+                continue
+            print(f"  {row['config']}: measuring" + (f" (round {round_index + 1}/{repeats})" if epoch else ""),
+                  file=log)
+            try:
+                samples[row["config"]].append(time_epoch(rc, train_set, test_set) if epoch else time_steps(
+                    rc, train_set, test_set, steps=steps, warmup=warmup, repeats=repeats))
+            except Exception as err:  # one broken configuration must not hide the others' results
+                row["failed"] = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+                print(f"  {row['config']}: failed: {row['failed']}", file=log)
+    reference_rate = previous_rate = None
+    for row, _ in runnable:
+        if "failed" in row:
             continue
-        print(f"  {bench.name}: measuring ({rc.loader} loader, amp={rc.amp}, channels_last={rc.channels_last}, "
-              f"compile={rc.compile}, kernel={rc.kernel})", file=log)
-        measured = time_epoch(rc, train_set, test_set) if epoch else time_steps(
-            rc, train_set, test_set, steps=steps, warmup=warmup, repeats=repeats)
-        row.update(measured, settings=dict(loader=rc.loader, amp=rc.amp, amp_dtype=rc.amp_dtype if rc.amp else None,
-                                           channels_last=rc.channels_last, compile=rc.compile,
-                                           compile_mode=rc.compile_mode if rc.compile else None,
-                                           cuda_graph=rc.cuda_graph, kernel=rc.kernel))
-        rate = measured["images_per_second"]
+        runs = samples[row["config"]]
+        if epoch:
+            row.update(_median_epoch(runs))
+        else:
+            row.update(runs[0])
+        rate = row["images_per_second"]
         reference_rate = reference_rate or rate
         row["speedup_vs_first"] = rate / reference_rate
         row["speedup_vs_previous"] = rate / previous_rate if previous_rate else None
         previous_rate = rate
-        rows.append(row)
     device = resolve(base).torch_device
+    baseline = next((row["config"] for row in rows if "images_per_second" in row), configs[0].name)
     return dict(
         mode="epoch" if epoch else "steps", model=first.model, dataset=first.dataset, batch_size=first.batch_size,
-        steps=None if epoch else steps, warmup=None if epoch else warmup, repeats=None if epoch else repeats,
-        baseline=configs[0].name, device=str(device), device_name=env.device_name(device), versions=env.versions(),
+        steps=None if epoch else steps, warmup=None if epoch else warmup, repeats=repeats,
+        baseline=baseline, device=str(device), device_name=env.device_name(device), versions=env.versions(),
         git_commit=env.git_commit(), command=" ".join(["fastcnn"] + sys.argv[1:]),
         date=datetime.datetime.now().isoformat(timespec="seconds"), results=rows)
+
+
+def _median_epoch(runs: list[dict]) -> dict:
+    seconds = [run["epoch_seconds"] for run in runs]
+    middle = sorted(runs, key=lambda run: run["epoch_seconds"])[(len(runs) - 1) // 2]
+    return dict(middle, epoch_seconds_all=seconds, test_acc_all=[run["test_acc"] for run in runs])
 
 
 def format_results(doc: dict) -> str:
@@ -172,14 +209,16 @@ def format_results(doc: dict) -> str:
         columns += [("epoch_seconds", "epoch s", ".2f"), ("test_acc", "test acc", ".2f")]
     columns += [("speedup_vs_first", f"x {doc['baseline']}", ".2f"), ("speedup_vs_previous", "x previous", ".2f"),
                 ("peak_memory_mb", "peak MiB", ".1f")]
-    measured = [row for row in doc["results"] if "skipped" not in row]
+    measured = [row for row in doc["results"] if "images_per_second" in row]
     lines = [f"{doc['model']} on {doc['dataset']}, batch {doc['batch_size']}, {doc['device_name']}, torch "
-             f"{doc['versions']['torch']}" + ("" if epoch else f"; median of {doc['repeats']} x {doc['steps']} steps "
-                                                                f"after {doc['warmup']} warm-up"), ""]
+             f"{doc['versions']['torch']}; " + (f"median of {doc['repeats']} interleaved round(s)" if epoch else
+                                                 f"median of {doc['repeats']} x {doc['steps']} steps after "
+                                                 f"{doc['warmup']} warm-up"), ""]
     lines.append(format_table(measured, columns) if measured else "(nothing measured)")
     for row in doc["results"]:
-        if "skipped" in row:
-            lines.append(f"skipped {row['config']}: {row['skipped']}")
+        for outcome in ("skipped", "failed"):
+            if outcome in row:
+                lines.append(f"{outcome} {row['config']}: {row[outcome]}")
     return "\n".join(lines)
 
 
@@ -189,12 +228,12 @@ def plot_results(path: pathlib.Path, doc: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    measured = [row for row in doc["results"] if "skipped" not in row]
+    measured = [row for row in doc["results"] if "images_per_second" in row]
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(measured) + 1.5))
     names = [row["config"] for row in measured][::-1]
     rates = [row["images_per_second"] for row in measured][::-1]
     bars = ax.barh(names, rates, color="tab:blue")
-    for bar, row in zip(bars, measured[::-1]):
+    for bar, row in zip(bars, measured[::-1], strict=True):
         ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {row['speedup_vs_first']:.1f}x",
                 va="center")
     ax.set_xlabel("training images / s (higher is better)")

@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--list", action="store_true", help="list the configurations and exit")
     g.add_argument("--steps", type=int, default=50, help="timed steps per repeat (default: 50)")
     g.add_argument("--warmup", type=int, default=10, help="untimed warm-up steps (default: 10)")
-    g.add_argument("--repeats", type=int, default=5, help="repeats; the median is reported (default: 5)")
+    g.add_argument("--repeats", type=int, help="repeats; the median is reported (default: 5 timed runs of "
+                   "--steps; with --epoch, 1 round)")
     g.add_argument("--epoch", action="store_true", help="time whole training epochs (with test accuracy) "
                    "instead of steps")
     g.add_argument("--ablation", action="store_true", help="add one optimization at a time: " + ", ".join(ABLATION))

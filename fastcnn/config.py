@@ -153,7 +153,8 @@ def resolve(cfg: TrainConfig) -> ResolvedConfig:
     lr = recipe.lr if cfg.lr is None else cfg.lr
     opt = cfg.opt or recipe.opt
     _require(epochs >= 1, f"--epochs must be at least 1, got {epochs}")
-    _require(1 <= batch_size <= MAX_BATCH_SIZE, f"--batch-size must be between 1 and {MAX_BATCH_SIZE}, got {batch_size}")
+    _require(1 <= batch_size <= MAX_BATCH_SIZE,
+             f"--batch-size must be between 1 and {MAX_BATCH_SIZE}, got {batch_size}")
     _require(lr > 0 and lr == lr and lr != float("inf"), f"--lr must be a positive finite number, got {lr}")
     _require(opt in OPTIMIZERS, f"unknown optimizer {opt!r}; choose one of: {', '.join(OPTIMIZERS)}")
     for name in ("train_subset", "test_subset"):
@@ -211,3 +212,6 @@ def _check_available(chosen: dict, device: str, amp_dtype: str) -> None:
         ok, why = fused_kernel_status(torch.device(device))
         if not ok:
             raise NotAvailableError(f"--kernel triton cannot run here: {why}; use --kernel auto or torch")
+        if device == "cpu" and chosen["compile"]:
+            raise NotAvailableError("--kernel triton on the CPU runs the Triton interpreter, which torch.compile "
+                                    "cannot trace; use --no-compile, or --kernel auto")

@@ -203,5 +203,5 @@ class Trainer:
 
 def check_finite(value: float, where: str) -> None:
     if not math.isfinite(value):
-        raise TrainingDivergedError(f"the {where} loss became {value}; lower --lr (or use --no-amp / "
-                                    "--amp-dtype bfloat16); the last good checkpoint is kept")
+        raise TrainingDivergedError(f"the {where} loss became {value}; lower --lr (or, with float16, use "
+                                    "--amp-dtype bfloat16 or --no-amp)")

@@ -47,7 +47,8 @@ def device_name(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    cpu = platform.processor() or platform.machine()
+    return f"CPU: {cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
 def git_commit() -> str | None:

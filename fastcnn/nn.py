@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastcnn.ops import conv_relu_pool, conv_relu_pool_reference, fused_kernel_status
+from fastcnn.ops import conv_pool_relu, conv_relu_pool, fused_kernel_status
 
 KERNEL_CHOICES = ("auto", "triton", "torch")
 
@@ -99,7 +99,7 @@ class ConvReLUPool2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layer = (self.in_channels, self.out_channels, self.kernel_size[0], self.padding[0])
         if resolve_kernel(self.kernel, x.device, layer) == "torch":
-            return conv_relu_pool_reference(x, self.weight, self.bias, self.padding[0])
+            return conv_pool_relu(x, self.weight, self.bias, self.padding[0])
         return conv_relu_pool(x, self.weight, self.bias, self.padding[0])
 
     def extra_repr(self) -> str:

@@ -63,6 +63,18 @@ def conv_relu_pool_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     return F.max_pool2d(F.relu(F.conv2d(x, weight, bias, padding=padding)), kernel_size=2, stride=2)
 
 
+def conv_pool_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   padding: int = 0) -> torch.Tensor:
+    """The same function as ``conv_relu_pool_reference``, with ReLU applied after the pool (4x fewer elements).
+
+    relu(max(window)) == max(relu(window)), and the gradients agree too: when the window's maximum is > 0
+    both orders route the gradient to its first maximum; when it is <= 0 (or NaN) both give zero gradient
+    everywhere (ReLU's gradient at 0 is 0). This is the plain-PyTorch path that ``kernel="auto"`` and
+    ``"torch"`` run, measured faster than the literal chain on CPU.
+    """
+    return F.relu(F.max_pool2d(F.conv2d(x, weight, bias, padding=padding), kernel_size=2, stride=2))
+
+
 # --------------------------------------------------------------------------------------------- helpers
 
 

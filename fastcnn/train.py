@@ -142,7 +142,7 @@ def check_output_dir(output: pathlib.Path, *, overwrite: bool, resume: pathlib.P
                      f"replace it, --resume {output / 'checkpoint.pt'} to continue it, or another --output")
 
 
-def run_training(cfg: TrainConfig, *, stream=sys.stdout) -> dict:
+def run_training(cfg: TrainConfig, *, stream=None) -> dict:
     """Train as ``cfg`` says; return the summary (also written to <output>/summary.json)."""
     started = time.perf_counter()
     resume_state = None
@@ -221,11 +221,13 @@ def run_training(cfg: TrainConfig, *, stream=sys.stdout) -> dict:
         print(f"fastcnn: interrupted by {stop_request}; checkpoint saved to {checkpoint_path}; continue with "
               f"`fastcnn train --resume {checkpoint_path}`", file=sys.stderr)
         raise
-    except (TrainingDivergedError, Exception) as failure:
+    except Exception as failure:
         if created and not history:
             shutil.rmtree(output, ignore_errors=True)  # nothing worth keeping: leave no half-made run behind
-        elif isinstance(failure, TrainingDivergedError) and checkpoint_path.exists():
-            raise TrainingDivergedError(f"{failure}: {checkpoint_path}") from None
+        if isinstance(failure, TrainingDivergedError):
+            kept = (f"the last good checkpoint (epoch {history[-1]['epoch']}) is kept at {checkpoint_path}"
+                    if history else "no epoch had finished, so nothing was saved")
+            raise TrainingDivergedError(f"{failure}; {kept}") from None
         raise
 
     last = history[-1]
@@ -242,7 +244,7 @@ def run_training(cfg: TrainConfig, *, stream=sys.stdout) -> dict:
         finished_at=datetime.datetime.now().isoformat(timespec="seconds"))
     write_json(output / "summary.json", summary)
     plot_curves(output / "curves.png", history, f"{rc.model} on {rc.dataset} ({rc.preset} preset, {rc.device})")
-    print_summary(summary, history, stream)
+    print_summary(summary, history, stream or sys.stdout)
     return summary
 
 

@@ -76,7 +76,8 @@ def _load_torchvision_mnist(name: str, train: bool, root: pathlib.Path, download
     cls = datasets.MNIST if name == "mnist" else datasets.FashionMNIST
     raw = root / cls.__name__ / "raw"
     split = "train" if train else "test"
-    hint = f"put the four IDX files of {name} under {raw} (torchvision layout), or point --data-dir / FASTCNN_DATA at their parent folder"
+    hint = (f"put the four IDX files of {name} under {raw} (torchvision layout), or point --data-dir / "
+            "FASTCNN_DATA at their parent folder")
     if not root.is_dir() and not download:
         raise DatasetError(f"data folder {root} does not exist; {hint}")
     try:
@@ -92,9 +93,9 @@ def _load_torchvision_mnist(name: str, train: bool, root: pathlib.Path, download
         created = [d for d in (root, raw.parent) if not d.exists()]
         try:
             ds = cls(str(root), train=train, download=True)
-        except Exception as failed:
+        except Exception as failed:  # no network, or a mirror down: say what failed and what to do
             for folder in reversed(created):  # leave nothing behind from a failed download
-                shutil.rmtree(folder, ignore_errors=True)  # no network, or a mirror down: say both what failed and what to do
+                shutil.rmtree(folder, ignore_errors=True)
             raise DatasetError(f"{name} not found under {raw} ({what}) and the download failed "
                                f"({_one_line(failed)}); {hint}") from None
     except Exception as corrupt:  # torchvision asserts on a bad magic number, TypeError on a wrong dtype, ...

@@ -1,0 +1,88 @@
+"""The CLI end to end: outputs of a run, the bench table, the env report."""
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from fastcnn.cli import main
+
+
+def test_train_end_to_end_on_a_subset(data_root, tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    code = main(["train", "--data-dir", str(data_root), "--train-subset", "3000", "--test-subset", "500",
+                 "--epochs", "2", "--output", str(out_dir), "--no-progress", "--target-acc", "50"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert {p.name for p in out_dir.iterdir()} == {"metrics.jsonl", "summary.json", "checkpoint.pt", "curves.png"}
+    lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in lines] == [1, 2]
+    assert set(lines[0]) == {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds",
+                             "images_per_second"}
+    summary = json.loads((out_dir / "summary.json").read_text())
+    for key in ("test_acc", "train_seconds", "setup_seconds", "images_per_second", "epochs", "config",
+                "device_name", "versions", "git_commit"):
+        assert key in summary
+    assert summary["epochs"] == 2 and summary["test_acc"] == lines[-1]["test_acc"]
+    assert abs(summary["train_seconds"] - sum(row["epoch_seconds"] for row in lines)) < 1e-6
+    assert summary["time_to_target"] is not None and summary["time_to_target"] <= summary["train_seconds"]
+    assert set(summary["versions"]) >= {"torch", "triton", "torchvision", "dali", "python"}
+    checkpoint = torch.load(out_dir / "checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["model_name"] == "simplecnn"
+    assert (out_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "test acc" in printed and "images/s" in printed
+
+
+def test_bench_prints_table_and_writes_json_and_chart(tmp_path, capsys):
+    json_path, png_path = tmp_path / "bench.json", tmp_path / "bench.png"
+    code = main(["bench", "--synthetic-size", "1000,200", "--steps", "3", "--warmup", "1", "--repeats", "2",
+                 "--json", str(json_path), "--plot", str(png_path)])
+    captured = capsys.readouterr()
+    out = captured.out
+    assert code == 0, captured.err
+    assert "images/s" in out and "reference" in out and "fast" in out
+    doc = json.loads(json_path.read_text())
+    assert [row["config"] for row in doc["results"]] == ["reference", "fast"]
+    assert doc["results"][0]["speedup_vs_first"] == 1.0
+    assert all(row["images_per_second"] > 0 for row in doc["results"])
+    assert png_path.read_bytes()[:4] == b"\x89PNG"
+    # results are never overwritten silently
+    assert main(["bench", "--json", str(json_path)]) == 2
+
+
+def test_bench_ablation_runs_on_cpu_and_skips_gpu_lines_with_a_reason(capsys):
+    code = main(["bench", "--ablation", "--synthetic-size", "600,100", "--steps", "2", "--warmup", "0",
+                 "--repeats", "1", "-b", "32"])
+    out = capsys.readouterr().out
+    assert code == 0
+    for line in ("reference", "device", "channels-last", "amp"):
+        assert line in out
+    if not torch.cuda.is_available():
+        assert "skipped cuda-graph" in out and "skipped fused" in out
+
+
+def test_bench_epoch_mode_reports_accuracy(capsys):
+    code = main(["bench", "--epoch", "--synthetic-size", "1500,300", "--configs", "reference,fast"])
+    out = capsys.readouterr().out
+    assert code == 0 and "test acc" in out and "epoch s" in out
+
+
+def test_env_reports_versions_and_features(capsys):
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    for word in ("torch", "triton", "torchvision", "dali", "fused Triton kernel", "CUDA graphs"):
+        assert word in out
+    assert main(["env", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert "features" in info and "versions" in info
+
+
+def test_python_dash_m_and_console_script():
+    result = subprocess.run([sys.executable, "-m", "fastcnn", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "train" in result.stdout and "bench" in result.stdout
+    result = subprocess.run([sys.executable, "-m", "fastcnn", "train", "--help"], capture_output=True, text=True)
+    for flag in ("--model", "--dataset", "--data-dir", "--epochs", "--batch-size", "--lr", "--opt", "--seed",
+                 "--device", "--preset", "--loader", "--amp", "--amp-dtype", "--channels-last", "--compile",
+                 "--compile-mode", "--cuda-graph", "--kernel", "--output", "--resume", "--no-progress"):
+        assert flag in result.stdout, flag

@@ -1,0 +1,76 @@
+"""Training: the reference path learns like the tutorial, and the fast path computes the same thing."""
+
+import json
+
+import pytest
+import torch
+
+from fastcnn.cli import main
+from fastcnn.config import TrainConfig, resolve
+from fastcnn.data import DeviceLoader, TorchLoader, load_dataset
+from fastcnn.engine import Trainer
+from fastcnn.models import build_model, get_spec
+
+
+def run_cli(args, tmp_path, capsys):
+    code = main(["train", "--no-progress", "--output", str(tmp_path / "run"), *args])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return json.loads((tmp_path / "run" / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_reference_preset_reaches_97_percent_on_mnist_in_one_epoch(data_root, tmp_path, capsys):
+    summary = run_cli(["--preset", "reference", "--data-dir", str(data_root)], tmp_path, capsys)
+    assert summary["config"]["loader"] == "torch" and summary["config"]["reference_model"]
+    assert summary["test_acc"] >= 97.0, summary["test_acc"]
+
+
+@pytest.mark.slow
+def test_fast_preset_reaches_97_percent_on_mnist_in_one_epoch(data_root, tmp_path, capsys):
+    summary = run_cli(["--data-dir", str(data_root)], tmp_path, capsys)
+    assert summary["config"]["loader"] == "device" and summary["config"]["amp"]
+    assert summary["test_acc"] >= 97.0, summary["test_acc"]
+
+
+@pytest.mark.parametrize("name", ["simplecnn", "lenet"])
+def test_fast_path_tracks_reference_loss_for_20_steps(name, data_root):
+    """Same initial weights, same batch order: fastcnn's model + DeviceLoader + channels-last (fp32, eager)
+    follows the tutorial program's losses within 1e-5."""
+    spec = get_spec(name)
+    recipe = spec.recipe
+    train = load_dataset(recipe.dataset, True, root=data_root, download=False).subset(20 * recipe.batch_size)
+    torch.manual_seed(0)
+    reference_model = build_model(name, reference_impl=True)
+    fast_model = build_model(name)
+    fast_model.load_state_dict(reference_model.state_dict())
+    device = torch.device("cpu")
+    reference = Trainer(reference_model, device=device, opt=recipe.opt, lr=recipe.lr)
+    fast = Trainer(fast_model, device=device, opt=recipe.opt, lr=recipe.lr, channels_last=True)
+    options = dict(seed=3, mean=recipe.mean, std=recipe.std)
+    reference_batches = TorchLoader(train, recipe.batch_size, **options)
+    fast_batches = DeviceLoader(train, recipe.batch_size, channels_last=True, **options)
+    steps = 0
+    for (x_ref, y_ref), (x_fast, y_fast) in zip(reference_batches, fast_batches, strict=True):
+        loss_ref, _ = reference.train_step(x_ref, y_ref)
+        loss_fast, _ = fast.train_step(x_fast, y_fast)
+        assert abs(loss_ref.item() - loss_fast.item()) <= 1e-5, (steps, loss_ref.item(), loss_fast.item())
+        steps += 1
+    assert steps == 20
+
+
+def test_preset_resolution_and_overrides():
+    fast = resolve(TrainConfig(device="cpu"))
+    assert (fast.loader, fast.amp, fast.amp_dtype, fast.channels_last, fast.compile) == (
+        "device", True, "bfloat16", True, False)
+    ref = resolve(TrainConfig(preset="reference", device="cpu"))
+    assert (ref.loader, ref.amp, ref.channels_last, ref.kernel, ref.reference_model) == (
+        "torch", False, False, "torch", True)
+    custom = resolve(TrainConfig(device="cpu", amp=False, loader="torch", batch_size=7, model="lenet"))
+    assert (custom.amp, custom.loader, custom.batch_size, custom.dataset, custom.lr) == (
+        False, "torch", 7, "fashion-mnist", 0.01)
+
+
+def test_training_on_synthetic_data_learns(tmp_path, capsys):
+    summary = run_cli(["--dataset", "synthetic", "--synthetic-size", "3000,500", "--epochs", "2"], tmp_path, capsys)
+    assert summary["test_acc"] > 80.0
