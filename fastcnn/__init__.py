@@ -1,23 +1,20 @@
 """fastcnn: train small convolutional networks as fast as the hardware allows.
 
-Public API: ``conv_relu_pool`` (fused functional op), ``ConvReLUPool2d`` (drop-in module),
-``accelerate`` (rewrite a user model's Conv2d -> ReLU -> MaxPool2d chains to the fused module).
+Public API:
+- ``conv_relu_pool(x, weight, bias=None, padding=0)``: the fused Conv2d -> ReLU -> MaxPool2d(2, 2) op.
+- ``ConvReLUPool2d``: the drop-in module (an ``nn.Conv2d`` with the same state_dict).
+- ``accelerate(model)``: rewrite a model's Conv2d -> ReLU -> MaxPool2d chains to the fused module.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from fastcnn.nn import ConvReLUPool2d
-from fastcnn.ops import conv_relu_pool
+# Imported eagerly on purpose: a lazy import of the submodule fastcnn.accelerate would rebind the package
+# attribute `accelerate` from the function to the module.
+from fastcnn.accelerate import AccelerateReport, accelerate, accelerate_report  # noqa: E402, I001
+from fastcnn.nn import ConvReLUPool2d, resolve_kernel
+from fastcnn.ops import conv_relu_pool, conv_relu_pool_reference, fused_kernel_status
 
-__all__ = ["ConvReLUPool2d", "conv_relu_pool", "accelerate", "__version__"]
-
-
-def __getattr__(name):
-    # accelerate pulls in torch.fx; import it on first use so `import fastcnn` stays light.
-    if name == "accelerate":
-        from fastcnn.accelerate import accelerate
-
-        return accelerate
-    raise AttributeError(f"module 'fastcnn' has no attribute {name!r}")
+__all__ = ["AccelerateReport", "ConvReLUPool2d", "accelerate", "accelerate_report", "conv_relu_pool",
+           "conv_relu_pool_reference", "fused_kernel_status", "resolve_kernel", "__version__"]

@@ -20,9 +20,7 @@ Anything else is left exactly as it was and listed, with the reason, in the repo
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import re
-import sys
 import types
 from collections import defaultdict
 
@@ -706,18 +704,3 @@ def _install_forward(owner: nn.Module, graph: fx.Graph, chains: list[tuple[fx.No
     generated = fx.GraphModule(owner, graph, class_name=type(owner).__name__)
     type(owner).forward = type(generated).forward
     type(owner).fastcnn_code = generated.code
-
-
-# `fastcnn/__init__.py` exports the function lazily as `fastcnn.accelerate`, but importing this submodule
-# makes Python bind the attribute `fastcnn.accelerate` to the module object. Making the module callable keeps
-# `fastcnn.accelerate(model)` working either way.
-class _CallableModule(types.ModuleType):
-    def __call__(self, *args, **kwargs):
-        return accelerate(*args, **kwargs)
-
-    @property
-    def __signature__(self):
-        return inspect.signature(accelerate)
-
-
-sys.modules[__name__].__class__ = _CallableModule
