@@ -254,7 +254,7 @@ def run_bench_command(args, base: TrainConfig) -> dict | None:
     for path in (args.json, args.plot):  # refuse before measuring, not after
         if path and pathlib.Path(path).exists() and not args.overwrite:
             raise UsageError(f"{path} already exists; pass --overwrite or another path")
-    base = dataclasses.replace(base, progress=False)
+    base = dataclasses.replace(base, progress=False, dataset=base.dataset or "synthetic")
     doc = run_bench(base, configs, steps=args.steps, warmup=args.warmup, repeats=args.repeats, epoch=args.epoch)
     print(format_results(doc))
     if args.json:

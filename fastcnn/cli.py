@@ -12,9 +12,11 @@ import sys
 from fastcnn import __version__
 from fastcnn.config import AMP_DTYPES, COMPILE_MODES, DEVICES, OPTIMIZERS, PRESETS, TrainConfig
 from fastcnn.data import DATASETS, LOADERS
+from fastcnn.engine import SCHEDULES
 from fastcnn.errors import FastcnnError
 from fastcnn.models import MODELS
 from fastcnn.nn import KERNEL_CHOICES
+from fastcnn.recipes import RECIPES
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -23,6 +25,14 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message):
         sys.stderr.write(f"fastcnn: error: {message} (see `{self.prog} --help`)\n")
         sys.exit(2)
+
+
+def float_pair(text: str) -> tuple[float, float]:
+    try:
+        first, second = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers like 0.9,0.999, got {text!r}") from None
+    return first, second
 
 
 def positive_pair(text: str) -> tuple[int, int]:
@@ -37,7 +47,7 @@ def positive_pair(text: str) -> tuple[int, int]:
 
 def add_training_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="simplecnn", choices=sorted(MODELS), help="model to train (default: simplecnn)")
+    g.add_argument("--model", choices=sorted(MODELS), help="model to train (default: simplecnn, or the recipe's)")
     g.add_argument("--dataset", choices=DATASETS, help="dataset (default: the model's tutorial dataset)")
     g.add_argument("--data-dir", help="dataset root in torchvision's layout (default: $FASTCNN_DATA, else ./data)")
     g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
@@ -52,9 +62,15 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, help="learning rate (default: the tutorial's)")
     g.add_argument("--opt", choices=OPTIMIZERS, help="optimizer (default: adam, as in the tutorials)")
     g.add_argument("--seed", type=int, default=0, help="seed of weights and data order (default: 0)")
+    g.add_argument("--sched", dest="schedule", choices=SCHEDULES, help="learning-rate schedule per step "
+                   "(default: constant, as in the tutorials)")
+    g.add_argument("--betas", type=float_pair, metavar="B1,B2", help="Adam betas (default: 0.9,0.999)")
+    g.add_argument("--label-smoothing", type=float, metavar="EPS", help="cross-entropy label smoothing (default: 0)")
+    g.add_argument("--recipe", choices=sorted(RECIPES), help="a named recipe: speedrun (fastcnn's time-to-accuracy "
+                   "recipe) or public (the best public MNIST recipe); it picks model, batch, optimizer, schedule")
     g = p.add_argument_group("speed (defaults come from --preset; explicit flags override it)")
     g.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda when a GPU is visible")
-    g.add_argument("--preset", default="fast", choices=PRESETS,
+    g.add_argument("--preset", choices=PRESETS,
                    help="fast: what helps on this device; reference: the tutorial program exactly")
     g.add_argument("--loader", choices=LOADERS, help="device: dataset resident on the device; dali: NVIDIA DALI "
                    "pipeline; torch: torchvision DataLoader (the tutorials')")
@@ -90,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "--epochs may extend it)")
     g.add_argument("--target-acc", type=float, metavar="PCT",
                    help="report the training seconds until test accuracy first reaches PCT")
+    g.add_argument("--eval-every", type=int, default=0, metavar="STEPS",
+                   help="also evaluate every STEPS steps inside an epoch (its time is excluded from training time)")
+    g.add_argument("--runs", type=int, default=1, help="train N times with seeds seed..seed+N-1; summary.json "
+                   "holds means and standard deviations")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -97,8 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Training-step throughput of named configurations, in one run: untimed "
                            "warm-up, device synchronized at each clock read, median of repeats.")
     add_training_options(bench)
-    bench.set_defaults(dataset="synthetic")
-    g = bench.add_argument_group("benchmark")
+    g = bench.add_argument_group("benchmark (the dataset defaults to synthetic, or mnist with --race)")
     g.add_argument("--configs", default="reference,fast", help="comma-separated configurations (see --list)")
     g.add_argument("--list", action="store_true", help="list the configurations and exit")
     g.add_argument("--steps", type=int, default=50, help="timed steps per repeat (default: 50)")
@@ -108,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epoch", action="store_true", help="time whole training epochs (with test accuracy) "
                    "instead of steps")
     g.add_argument("--ablation", action="store_true", help="add one optimization at a time: " + ", ".join(ABLATION))
+    g.add_argument("--race", action="store_true", help="time-to-accuracy race: the speedrun recipe against the "
+                   "public train_mnist_fast recipe, --runs each, interleaved")
+    g.add_argument("--runs", type=int, default=3, help="runs per recipe in --race (default: 3)")
+    g.add_argument("--target-acc", type=float, metavar="PCT", help="with --race: also report time to PCT")
     g.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     g.add_argument("--plot", metavar="PATH", help="also write a bar chart PNG")
     g.add_argument("--overwrite", action="store_true", help="replace existing --json / --plot files")
@@ -135,9 +158,14 @@ def main(argv: list[str] | None = None) -> int:
 
             run_training(train_config(args))
         elif args.command == "bench":
-            from fastcnn.bench import run_bench_command
+            if args.race:
+                from fastcnn.race import run_race_command
 
-            run_bench_command(args, train_config(args))
+                run_race_command(args, train_config(args))
+            else:
+                from fastcnn.bench import run_bench_command
+
+                run_bench_command(args, train_config(args))
         elif args.command == "env":
             import json
 

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 import torch
 
 from fastcnn.data import DATASETS, LOADERS
+from fastcnn.engine import SCHEDULES
 from fastcnn.errors import NotAvailableError, UsageError
 from fastcnn.models import get_spec
 from fastcnn.nn import KERNEL_CHOICES
+from fastcnn.recipes import get_recipe
 
 PRESETS = ("fast", "reference")
 OPTIMIZERS = ("adam", "sgd")
@@ -34,7 +36,7 @@ MAX_BATCH_SIZE = 1 << 20
 class TrainConfig:
     """A training run as asked for. Fields left at None are decided by the preset and the model's recipe."""
 
-    model: str = "simplecnn"
+    model: str | None = None
     dataset: str | None = None
     data_dir: str | None = None
     download: bool = True
@@ -44,7 +46,14 @@ class TrainConfig:
     opt: str | None = None
     seed: int = 0
     device: str = "auto"
-    preset: str = "fast"
+    preset: str | None = None
+    recipe: str | None = None
+    runs: int = 1
+    schedule: str | None = None
+    betas: tuple[float, float] | None = None
+    label_smoothing: float | None = None
+    eval_every: int = 0
+    normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # (mean, std); default: the model's
     loader: str | None = None
     amp: bool | None = None
     amp_dtype: str | None = None
@@ -95,6 +104,11 @@ class ResolvedConfig:
     synthetic_size: tuple[int, int]
     target_acc: float | None
     num_workers: int
+    recipe: str | None = None
+    schedule: str = "constant"
+    betas: tuple[float, float] | None = None
+    label_smoothing: float = 0.0
+    eval_every: int = 0
 
     @property
     def torch_device(self) -> torch.device:
@@ -142,9 +156,13 @@ def _require(condition: bool, message: str) -> None:
 
 
 def resolve(cfg: TrainConfig) -> ResolvedConfig:
-    """Fill in every option from the preset and the model's tutorial recipe; reject impossible requests."""
-    spec = get_spec(cfg.model)
-    _require(cfg.preset in PRESETS, f"unknown preset {cfg.preset!r}; choose one of: {', '.join(PRESETS)}")
+    """Fill in every option from the preset and the model's tutorial recipe (or a named ``--recipe``); reject
+    impossible requests."""
+    if cfg.recipe is not None:
+        cfg = apply_recipe(cfg)
+    spec = get_spec(cfg.model or "simplecnn")
+    preset = cfg.preset or "fast"
+    _require(preset in PRESETS, f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     recipe = spec.recipe
     dataset = cfg.dataset or recipe.dataset
     _require(dataset in DATASETS, f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
@@ -152,6 +170,15 @@ def resolve(cfg: TrainConfig) -> ResolvedConfig:
     batch_size = recipe.batch_size if cfg.batch_size is None else cfg.batch_size
     lr = recipe.lr if cfg.lr is None else cfg.lr
     opt = cfg.opt or recipe.opt
+    schedule = cfg.schedule or "constant"
+    _require(schedule in SCHEDULES, f"unknown --sched {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+    label_smoothing = cfg.label_smoothing or 0.0
+    _require(0.0 <= label_smoothing < 1.0, f"--label-smoothing must be in [0, 1), got {label_smoothing}")
+    _require(cfg.betas is None or all(0.0 <= b < 1.0 for b in cfg.betas),
+             f"--betas must be two numbers in [0, 1), got {cfg.betas}")
+    _require(cfg.eval_every >= 0, f"--eval-every must be >= 0 steps, got {cfg.eval_every}")
+    _require(cfg.runs >= 1, f"--runs must be at least 1, got {cfg.runs}")
+    mean, std = cfg.normalize or (recipe.mean, recipe.std)
     _require(epochs >= 1, f"--epochs must be at least 1, got {epochs}")
     _require(1 <= batch_size <= MAX_BATCH_SIZE,
              f"--batch-size must be between 1 and {MAX_BATCH_SIZE}, got {batch_size}")
@@ -165,11 +192,11 @@ def resolve(cfg: TrainConfig) -> ResolvedConfig:
     _require(cfg.num_workers >= 0, f"--workers must be >= 0, got {cfg.num_workers}")
 
     device = pick_device(cfg.device)
-    chosen = preset_defaults(cfg.preset, device)
+    chosen = preset_defaults(preset, device)
     for key in ("loader", "amp", "channels_last", "compile", "cuda_graph", "kernel"):
         if getattr(cfg, key) is not None:
             chosen[key] = getattr(cfg, key)
-    if cfg.kernel is not None and cfg.preset == "reference":
+    if cfg.kernel is not None and preset == "reference":
         chosen["reference_model"] = False  # --kernel asks for fastcnn's model with that implementation
     _require(chosen["loader"] in LOADERS, f"unknown loader {chosen['loader']!r}; choose one of: {', '.join(LOADERS)}")
     _require(chosen["kernel"] in KERNEL_CHOICES,
@@ -181,13 +208,26 @@ def resolve(cfg: TrainConfig) -> ResolvedConfig:
              f"unknown --compile-mode {compile_mode!r}; choose one of: {', '.join(COMPILE_MODES)}")
     _check_available(chosen, device, amp_dtype)
     return ResolvedConfig(
-        model=cfg.model, dataset=dataset, data_dir=cfg.data_dir, download=cfg.download, epochs=epochs,
-        batch_size=batch_size, lr=lr, opt=opt, seed=cfg.seed, device=device, preset=cfg.preset,
+        model=spec.name, dataset=dataset, data_dir=cfg.data_dir, download=cfg.download, epochs=epochs,
+        batch_size=batch_size, lr=lr, opt=opt, seed=cfg.seed, device=device, preset=preset,
         loader=chosen["loader"], amp=chosen["amp"], amp_dtype=amp_dtype, channels_last=chosen["channels_last"],
         compile=chosen["compile"], compile_mode=compile_mode, cuda_graph=chosen["cuda_graph"],
-        kernel=chosen["kernel"], reference_model=chosen["reference_model"], mean=tuple(recipe.mean),
-        std=tuple(recipe.std), train_subset=cfg.train_subset, test_subset=cfg.test_subset,
-        synthetic_size=tuple(cfg.synthetic_size), target_acc=cfg.target_acc, num_workers=cfg.num_workers)
+        kernel=chosen["kernel"], reference_model=chosen["reference_model"], mean=tuple(mean),
+        std=tuple(std), train_subset=cfg.train_subset, test_subset=cfg.test_subset,
+        synthetic_size=tuple(cfg.synthetic_size), target_acc=cfg.target_acc, num_workers=cfg.num_workers,
+        recipe=cfg.recipe, schedule=schedule, betas=tuple(cfg.betas) if cfg.betas else None,
+        label_smoothing=label_smoothing, eval_every=cfg.eval_every)
+
+
+def apply_recipe(cfg: TrainConfig) -> TrainConfig:
+    """Fill the options a named recipe decides, leaving every explicitly given flag as it is."""
+    recipe = get_recipe(cfg.recipe, cfg.dataset or "mnist")
+    chosen = dict(model=recipe.model, dataset=cfg.dataset or "mnist", batch_size=recipe.batch_size, lr=recipe.lr,
+                  opt=recipe.opt, betas=recipe.betas, schedule=recipe.schedule,
+                  label_smoothing=recipe.label_smoothing, epochs=recipe.epochs,
+                  normalize=recipe.norm,  # a recipe normalizes per dataset, not per model
+                  **recipe.settings)
+    return dataclasses.replace(cfg, **{k: v for k, v in chosen.items() if getattr(cfg, k) is None})
 
 
 def _check_available(chosen: dict, device: str, amp_dtype: str) -> None:

@@ -28,12 +28,26 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(name: str, params, lr: float, betas: tuple[float, float] | None = None) -> torch.optim.Optimizer:
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(params, lr=lr, betas=betas or (0.9, 0.999))
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+        return torch.optim.SGD(params, lr=lr, momentum=betas[0] if betas else 0.9, nesterov=True)
     raise ValueError(f"unknown optimizer {name!r}")
+
+
+SCHEDULES = ("constant", "onecycle")
+
+
+def build_schedule(name: str, optimizer: torch.optim.Optimizer, lr: float, total_steps: int):
+    """A per-step learning-rate schedule (None for constant). OneCycle ramps up to ``lr`` and anneals to
+    ~0 over ``total_steps``; momentum is not cycled (Adam's beta1 stays what was asked for)."""
+    if name == "constant":
+        return None
+    if name == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(total_steps, 1),
+                                                   cycle_momentum=False)
+    raise ValueError(f"unknown schedule {name!r}; choose one of {SCHEDULES}")
 
 
 @dataclass
@@ -90,12 +104,15 @@ class Trainer:
 
     def __init__(self, model: nn.Module, *, device: torch.device, opt: str = "adam", lr: float = 1e-3,
                  amp_dtype: torch.dtype | None = None, channels_last: bool = False, compile: bool = False,
-                 compile_mode: str = "default"):
+                 compile_mode: str = "default", betas: tuple[float, float] | None = None,
+                 label_smoothing: float = 0.0, schedule: str = "constant", total_steps: int = 0):
         self.device = device
         self.model = model.to(device)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = build_optimizer(opt, self.model.parameters(), lr)
+        self.optimizer = build_optimizer(opt, self.model.parameters(), lr, betas)
+        self.scheduler = build_schedule(schedule, self.optimizer, lr, total_steps)
+        self.label_smoothing = label_smoothing
         self.amp_dtype = amp_dtype
         # float16 needs loss scaling to keep small gradients; bfloat16 has fp32's range and does not.
         self.scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
@@ -110,7 +127,7 @@ class Trainer:
         """One optimizer step on a batch. Returns (loss, logits) as device tensors, without synchronizing."""
         with self.autocast():
             logits = self.forward_model(images)
-            loss = F.cross_entropy(logits, labels)
+            loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -119,12 +136,18 @@ class Trainer:
         else:
             loss.backward()
             self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
         return loss.detach(), logits.detach()
 
     def train_epoch(self, loader, *, progress: EpochProgress | None = None, bar=None,
-                    on_batch=None) -> EpochStats:
+                    on_batch=None, eval_every: int = 0, on_eval=None) -> EpochStats:
         """Train over ``loader`` (already set to its epoch). ``progress`` carries the sums of an epoch resumed
-        in the middle; ``bar`` is a tqdm bar or None; ``on_batch(progress)`` runs after each step."""
+        in the middle; ``bar`` is a tqdm bar or None; ``on_batch(progress)`` runs after each step.
+
+        With ``eval_every`` > 0, ``on_eval(progress)`` runs after every ``eval_every``-th batch of the epoch,
+        with the clock stopped: its time is not training time (``progress.seconds`` is the training clock).
+        """
         self.model.train()
         progress = progress or EpochProgress.start(self.device)
         synchronize(self.device)
@@ -144,6 +167,15 @@ class Trainer:
             if on_batch is not None:
                 progress.seconds = clock_base + time.perf_counter() - started
                 on_batch(progress)
+            if eval_every and on_eval is not None and progress.batches % eval_every == 0 and \
+                    progress.batches < len(loader):
+                synchronize(self.device)
+                paused = time.perf_counter()
+                progress.seconds = clock_base + paused - started
+                on_eval(progress)
+                self.model.train()
+                synchronize(self.device)
+                started += time.perf_counter() - paused  # the evaluation's time is not training time
         synchronize(self.device)
         progress.seconds = clock_base + time.perf_counter() - started
         stats = progress.finish()
@@ -187,6 +219,7 @@ class Trainer:
         model_state = copy.deepcopy(self.model.state_dict())
         optimizer_state = copy.deepcopy(self.optimizer.state_dict())
         scaler_state = copy.deepcopy(self.scaler.state_dict()) if self.scaler is not None else None
+        scheduler_state = copy.deepcopy(self.scheduler.state_dict()) if self.scheduler is not None else None
         rng_state = torch.get_rng_state()
         for _ in range(steps):
             self.train_step(*batch)
@@ -196,6 +229,8 @@ class Trainer:
         self.optimizer.load_state_dict(optimizer_state)  # replaces the state, so warm-up's moments go too
         if scaler_state is not None:
             self.scaler.load_state_dict(scaler_state)
+        if scheduler_state is not None:
+            self.scheduler.load_state_dict(scheduler_state)
         torch.set_rng_state(rng_state)
         synchronize(self.device)
         return time.perf_counter() - started

@@ -96,3 +96,52 @@ def build_model(name: str, *, kernel: str = "auto", reference_impl: bool = False
     with ``reference_impl``, the tutorial's own class. Both have the same state_dict keys."""
     spec = get_spec(name)
     return spec.build_reference() if reference_impl else spec.build(kernel=kernel)
+
+
+class FastNet(nn.Module):
+    """Two fused conv-ReLU-pool blocks (1->c1 k5, c1->c2 k3) and a two-layer head: the shape of the fastest
+    public MNIST recipes, with widths chosen by fastcnn's speedrun ablation (see fastcnn.recipes)."""
+
+    def __init__(self, kernel: str = "auto", num_classes: int = 10, in_channels: int = 1, widths=(24, 32, 256)):
+        super().__init__()
+        c1, c2, hidden = widths
+        self.conv1 = ConvReLUPool2d(in_channels, c1, kernel_size=5, kernel=kernel)
+        self.conv2 = ConvReLUPool2d(c1, c2, kernel_size=3, kernel=kernel)
+        self.fc1 = nn.Linear(c2 * 5 * 5, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(self.conv2(self.conv1(x)).flatten(1))))
+
+
+class PublicMNISTNet(nn.Module):
+    """The network of the best public single-GPU MNIST recipe ("train_mnist_fast"), written from its published
+    facts in plain PyTorch: conv 1->24 k5, maxpool 2, relu, conv 24->32 k3, maxpool 2, relu, 800->256->10."""
+
+    def __init__(self, widths=(24, 32, 256)):
+        super().__init__()
+        c1, c2, hidden = widths
+        self.conv1 = nn.Conv2d(1, c1, kernel_size=5)
+        self.conv2 = nn.Conv2d(c1, c2, kernel_size=3)
+        self.fc1 = nn.Linear(c2 * 5 * 5, hidden)
+        self.fc2 = nn.Linear(hidden, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(F.max_pool2d(self.conv1(x), 2))
+        x = F.relu(F.max_pool2d(self.conv2(x), 2))
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+MODELS["mnistfast"] = ModelSpec(
+    "mnistfast", lambda kernel="auto": FastNet(kernel, widths=(24, 32, 256)), PublicMNISTNet,
+    TutorialRecipe("mnist", 256, 1e-2, "adam", 1, MNIST_MEAN, MNIST_STD),
+    "the public train_mnist_fast network: conv 1->24 k5, conv 24->32 k3 (maxpool 2, ReLU each), 800->256->10")
+
+# Widths of fastnet: chosen by the speedrun ablation recorded in the README (time vs accuracy on MNIST).
+FASTNET_WIDTHS = (16, 32, 128)
+
+MODELS["fastnet"] = ModelSpec(
+    "fastnet", lambda kernel="auto": FastNet(kernel, widths=FASTNET_WIDTHS),
+    lambda: PublicMNISTNet(widths=FASTNET_WIDTHS),
+    TutorialRecipe("mnist", 256, 1e-2, "adam", 1, MNIST_MEAN, MNIST_STD),
+    "fastcnn's speedrun network: fused conv blocks 1->c1 k5, c1->c2 k3, a c2*25->hidden->10 head")

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import io
+import json
 import pathlib
 import shutil
 import signal
+import statistics
 import sys
 import time
 
@@ -101,11 +104,13 @@ def build_loaders(rc: ResolvedConfig, train_set: ImageDataset, test_set: ImageDa
 def build_trainer(rc: ResolvedConfig, train_set: ImageDataset, test_set: ImageDataset, *, rank: int = 0,
                   world_size: int = 1):
     """Model (seeded), optimizer and loaders for ``rc``: everything a run needs before its first step."""
+    train_loader, test_loader = build_loaders(rc, train_set, test_set, rank=rank, world_size=world_size)
     torch.manual_seed(rc.seed)
     model = build_model(rc.model, kernel=rc.kernel, reference_impl=rc.reference_model)
     trainer = Trainer(model, device=rc.torch_device, opt=rc.opt, lr=rc.lr, amp_dtype=rc.autocast_dtype,
-                      channels_last=rc.channels_last, compile=rc.compile, compile_mode=rc.compile_mode)
-    train_loader, test_loader = build_loaders(rc, train_set, test_set, rank=rank, world_size=world_size)
+                      channels_last=rc.channels_last, compile=rc.compile, compile_mode=rc.compile_mode,
+                      betas=rc.betas, label_smoothing=rc.label_smoothing, schedule=rc.schedule,
+                      total_steps=rc.epochs * len(train_loader))
     return trainer, train_loader, test_loader
 
 
@@ -142,8 +147,11 @@ def check_output_dir(output: pathlib.Path, *, overwrite: bool, resume: pathlib.P
                      f"replace it, --resume {output / 'checkpoint.pt'} to continue it, or another --output")
 
 
-def run_training(cfg: TrainConfig, *, stream=None) -> dict:
-    """Train as ``cfg`` says; return the summary (also written to <output>/summary.json)."""
+def run_training(cfg: TrainConfig, *, stream=None, datasets=None) -> dict:
+    """Train as ``cfg`` says; return the summary (also written to <output>/summary.json).
+    ``datasets``: the (train, test) ImageDatasets when the caller already loaded them."""
+    if cfg.runs > 1:
+        return run_repeated(cfg, stream=stream)
     started = time.perf_counter()
     resume_state = None
     if cfg.resume:
@@ -151,19 +159,23 @@ def run_training(cfg: TrainConfig, *, stream=None) -> dict:
         rc = resume_config(resume_state, cfg)
     else:
         rc = resolve(cfg)
-    train_set, test_set = load_splits(rc)
+    train_set, test_set = datasets or load_splits(rc)
     output = pathlib.Path(cfg.output) if cfg.output else (
         pathlib.Path(cfg.resume).parent if cfg.resume else default_output_dir(rc.model))
     check_output_dir(output, overwrite=cfg.overwrite, resume=pathlib.Path(cfg.resume) if cfg.resume else None)
 
     trainer, train_loader, test_loader = build_trainer(rc, train_set, test_set)
     history: list[dict] = []
+    evals: list[dict] = []  # every test evaluation: when (training seconds) and how good
     start_epoch, start_batch, partial, train_seconds = 0, 0, None, 0.0
     if resume_state is not None:
         trainer.model.load_state_dict(resume_state["model"])
         trainer.optimizer.load_state_dict(resume_state["optimizer"])
         if trainer.scaler is not None and resume_state.get("scaler"):
             trainer.scaler.load_state_dict(resume_state["scaler"])
+        if trainer.scheduler is not None and resume_state.get("scheduler"):
+            trainer.scheduler.load_state_dict(resume_state["scheduler"])
+        evals = list(resume_state.get("evals", []))
         history = list(resume_state["history"])
         start_epoch, start_batch = resume_state["epoch"], resume_state["batch"]
         train_seconds = resume_state["train_seconds"]
@@ -180,13 +192,22 @@ def run_training(cfg: TrainConfig, *, stream=None) -> dict:
         for name in RUN_FILES:
             (output / name).unlink(missing_ok=True)
     checkpoint_path = output / "checkpoint.pt"
-    eval_seconds, time_to_target = 0.0, None
-    if rc.target_acc is not None:
-        time_to_target = next((row["train_seconds"] for row in history if row["test_acc"] >= rc.target_acc), None)
+    eval_seconds = 0.0
+
+    def evaluate(epoch: int, batches: int, seconds_in_epoch: float) -> tuple[float, float]:
+        nonlocal eval_seconds
+        started_eval = time.perf_counter()
+        test_loss, test_acc = trainer.evaluate(test_loader)
+        eval_seconds += time.perf_counter() - started_eval
+        evals.append(dict(epoch=epoch + batches / len(train_loader), train_seconds=train_seconds + seconds_in_epoch,
+                          test_loss=test_loss, test_acc=test_acc))
+        return test_loss, test_acc
 
     def checkpoint_state(epoch: int, batch: int, progress: EpochProgress | None) -> dict:
         return dict(model_name=rc.model, model=trainer.model.state_dict(), optimizer=trainer.optimizer.state_dict(),
-                    scaler=trainer.scaler.state_dict() if trainer.scaler is not None else None, epoch=epoch,
+                    scaler=trainer.scaler.state_dict() if trainer.scaler is not None else None,
+                    scheduler=trainer.scheduler.state_dict() if trainer.scheduler is not None else None,
+                    evals=evals, epoch=epoch,
                     batch=batch, partial=progress.to_dict() if progress is not None else None,
                     history=history, train_seconds=train_seconds, config=config_dict(rc), rng=capture_rng())
 
@@ -199,21 +220,19 @@ def run_training(cfg: TrainConfig, *, stream=None) -> dict:
                 progress = partial or EpochProgress.start(rc.torch_device)
                 partial, start_batch = None, 0
                 try:
-                    stats = trainer.train_epoch(train_loader, progress=progress, bar=bar, on_batch=stop.check)
+                    stats = trainer.train_epoch(
+                        train_loader, progress=progress, bar=bar, on_batch=stop.check, eval_every=rc.eval_every,
+                        on_eval=lambda p, e=epoch: evaluate(e, p.batches, p.seconds))
                 except Interrupted:
                     bar.close()
                     save_checkpoint(checkpoint_path, checkpoint_state(epoch, progress.batches, progress))
                     raise
                 bar.close()
+                test_loss, test_acc = evaluate(epoch, len(train_loader), stats.seconds)
                 train_seconds += stats.seconds
-                eval_started = time.perf_counter()
-                test_loss, test_acc = trainer.evaluate(test_loader)
-                eval_seconds += time.perf_counter() - eval_started
                 history.append(dict(epoch=epoch + 1, train_loss=stats.loss, train_acc=stats.accuracy,
                                     test_loss=test_loss, test_acc=test_acc, epoch_seconds=stats.seconds,
                                     images_per_second=stats.images_per_second, train_seconds=train_seconds))
-                if time_to_target is None and rc.target_acc is not None and test_acc >= rc.target_acc:
-                    time_to_target = train_seconds
                 write_metrics(output / "metrics.jsonl", history)
                 save_checkpoint(checkpoint_path, checkpoint_state(epoch + 1, 0, None))
                 stop.check()
@@ -231,6 +250,9 @@ def run_training(cfg: TrainConfig, *, stream=None) -> dict:
         raise
 
     last = history[-1]
+    time_to_target = None
+    if rc.target_acc is not None:
+        time_to_target = next((row["train_seconds"] for row in evals if row["test_acc"] >= rc.target_acc), None)
     samples = sum(row["images_per_second"] * row["epoch_seconds"] for row in history)
     summary = dict(
         model=rc.model, dataset=rc.dataset, preset=rc.preset, epochs=len(history),
@@ -238,7 +260,7 @@ def run_training(cfg: TrainConfig, *, stream=None) -> dict:
         train_loss=last["train_loss"], train_seconds=train_seconds, setup_seconds=setup_seconds,
         warmup_seconds=warmup_seconds, eval_seconds=eval_seconds,
         images_per_second=samples / train_seconds if train_seconds > 0 else None,
-        target_acc=rc.target_acc, time_to_target=time_to_target,
+        target_acc=rc.target_acc, time_to_target=time_to_target, evals=evals,
         config=config_dict(rc), device_name=env.device_name(rc.torch_device), versions=env.versions(),
         git_commit=env.git_commit(), output=str(output), command=" ".join(sys.argv),
         finished_at=datetime.datetime.now().isoformat(timespec="seconds"))
@@ -246,6 +268,87 @@ def run_training(cfg: TrainConfig, *, stream=None) -> dict:
     plot_curves(output / "curves.png", history, f"{rc.model} on {rc.dataset} ({rc.preset} preset, {rc.device})")
     print_summary(summary, history, stream or sys.stdout)
     return summary
+
+
+def run_repeated(cfg: TrainConfig, *, stream=None) -> dict:
+    """``--runs N``: N runs with seeds seed, seed+1, ... in <output>/run1..runN; <output>/summary.json holds
+    the means, standard deviations and the per-run list, and the printed log reads like a speedrun's."""
+    stream = stream or sys.stdout
+    if cfg.resume:
+        raise UsageError("--resume continues one run; it cannot be combined with --runs")
+    rc = resolve(dataclasses.replace(cfg, runs=1))
+    output = pathlib.Path(cfg.output) if cfg.output else default_output_dir(rc.model)
+    check_output_dir(output, overwrite=cfg.overwrite, resume=None)
+    taken = [str(output / f"run{i + 1}") for i in range(cfg.runs) if (output / f"run{i + 1}").exists()]
+    if taken and not cfg.overwrite:
+        raise UsageError(f"--output {output} already holds runs ({', '.join(taken)}); pass --overwrite or "
+                         "another --output")
+    datasets = load_splits(rc)
+    summaries = []
+    for index in range(cfg.runs):
+        single = dataclasses.replace(cfg, runs=1, seed=cfg.seed + index, output=str(output / f"run{index + 1}"))
+        summaries.append(run_training(single, stream=io.StringIO(), datasets=datasets))
+        last = summaries[-1]
+        print(f"run {index + 1}/{cfg.runs}: test acc {last['test_acc']:.2f}% in {last['train_seconds']:.2f} s",
+              file=sys.stderr)
+    summary = aggregate_runs(summaries, rc, output)
+    write_json(output / "summary.json", summary)
+    print_speedrun_log(summary, summaries, stream)
+    return summary
+
+
+def aggregate_runs(summaries: list[dict], rc: ResolvedConfig, output: pathlib.Path) -> dict:
+    def mean_std(key):
+        values = [s[key] for s in summaries]
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    test_acc, test_acc_std = mean_std("test_acc")
+    train_seconds, train_seconds_std = mean_std("train_seconds")
+    reached = [s["time_to_target"] for s in summaries]
+    per_run = [dict(run=i + 1, seed=s["config"]["seed"], test_acc=s["test_acc"], train_seconds=s["train_seconds"],
+                    time_to_target=s["time_to_target"], setup_seconds=s["setup_seconds"],
+                    eval_seconds=s["eval_seconds"], evals=s["evals"], output=s["output"])
+               for i, s in enumerate(summaries)]
+    first = summaries[0]
+    return dict(
+        model=rc.model, dataset=rc.dataset, preset=rc.preset, recipe=rc.recipe, runs=len(summaries),
+        epochs=first["epochs"], test_acc=test_acc, test_acc_std=test_acc_std, train_seconds=train_seconds,
+        train_seconds_std=train_seconds_std,
+        setup_seconds=statistics.fmean(s["setup_seconds"] for s in summaries),
+        eval_seconds=statistics.fmean(s["eval_seconds"] for s in summaries),
+        images_per_second=statistics.fmean(s["images_per_second"] for s in summaries),
+        target_acc=rc.target_acc,
+        time_to_target=statistics.fmean(reached) if reached and None not in reached else None,
+        runs_reaching_target=sum(r is not None for r in reached) if rc.target_acc is not None else None,
+        per_run=per_run, config=first["config"], device_name=first["device_name"], versions=first["versions"],
+        git_commit=first["git_commit"], output=str(output), command=" ".join(sys.argv),
+        finished_at=datetime.datetime.now().isoformat(timespec="seconds"))
+
+
+def print_speedrun_log(summary: dict, summaries: list[dict], stream) -> None:
+    rows = []
+    for index, run in enumerate(summaries):
+        history = json_lines(pathlib.Path(run["output"]) / "metrics.jsonl")
+        elapsed = 0.0
+        for row in history:
+            elapsed += row["epoch_seconds"]
+            rows.append(dict(run=index + 1, epoch=row["epoch"], train_acc=row["train_acc"], test_acc=row["test_acc"],
+                             seconds=elapsed))
+    columns = [("run", "run", "d"), ("epoch", "epoch", "d"), ("train_acc", "train acc", ".2f"),
+               ("test_acc", "test acc", ".2f"), ("seconds", "seconds", ".3f")]
+    print(format_table(rows, columns), file=stream)
+    line = (f"\n{summary['model']} on {summary['dataset']}, {summary['runs']} runs: test acc "
+            f"{summary['test_acc']:.2f} ± {summary['test_acc_std']:.2f}% in {summary['train_seconds']:.3f} ± "
+            f"{summary['train_seconds_std']:.3f} s of training | {summary['device_name']}")
+    if summary["target_acc"] is not None:
+        line += (f"\ntime to {summary['target_acc']:.2f}%: " + (
+            f"{summary['time_to_target']:.3f} s (mean over runs)" if summary["time_to_target"] is not None else
+            f"reached by {summary['runs_reaching_target']} of {summary['runs']} runs"))
+    print(line + f"\noutputs in {summary['output']}", file=stream)
+
+
+def json_lines(path: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def print_summary(summary: dict, history: list[dict], stream) -> None:

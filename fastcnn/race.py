@@ -1,0 +1,135 @@
+"""``fastcnn bench --race``: fastcnn's speedrun recipe against the best public MNIST recipe, on the same device
+and the same data, n runs each, interleaved (public, speedrun, public, ...) so that both see the same machine.
+
+Each run is a full ``fastcnn train`` run (same timing rules: warm-up excluded, evaluation excluded from the
+training clock but reported); its test accuracy is on the full official test set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import pathlib
+import statistics
+import sys
+import tempfile
+
+from fastcnn import env
+from fastcnn.config import TrainConfig, resolve
+from fastcnn.errors import UsageError
+from fastcnn.report import atomic_write_bytes, format_table, write_json
+from fastcnn.train import load_splits, run_training
+
+CONTENDERS = ("public", "speedrun")
+
+
+def run_race(base: TrainConfig, *, runs: int = 3, eval_points: int = 10, log=None) -> dict:
+    log = log or sys.stderr
+    if runs < 1:
+        raise UsageError(f"--runs must be at least 1, got {runs}")
+    dataset = base.dataset or "mnist"
+    configs = {name: dataclasses.replace(base, recipe=name, dataset=dataset, runs=1, progress=False,
+                                         overwrite=False, resume=None)
+               for name in CONTENDERS}
+    resolved = {name: resolve(cfg) for name, cfg in configs.items()}
+    datasets = load_splits(resolved["public"])
+    results = {name: [] for name in CONTENDERS}
+    with tempfile.TemporaryDirectory(prefix="fastcnn-race-") as scratch:
+        for index in range(runs):
+            for name in CONTENDERS:
+                rc = resolved[name]
+                steps = rc.epochs * -(-len(datasets[0]) // rc.batch_size)
+                cfg = dataclasses.replace(configs[name], seed=base.seed + index,
+                                          eval_every=max(1, steps // eval_points),
+                                          output=str(pathlib.Path(scratch) / f"{name}-{index + 1}"))
+                summary = run_training(cfg, stream=_Discard(), datasets=datasets)
+                print(f"  {name} run {index + 1}/{runs}: {summary['test_acc']:.2f}% in "
+                      f"{summary['train_seconds']:.3f} s", file=log)
+                results[name].append(dict(seed=cfg.seed, test_acc=summary["test_acc"],
+                                          train_seconds=summary["train_seconds"],
+                                          time_to_target=summary["time_to_target"],
+                                          setup_seconds=summary["setup_seconds"], evals=summary["evals"]))
+    contenders = {}
+    for name in CONTENDERS:
+        rows = results[name]
+        rc = resolved[name]
+        contenders[name] = dict(
+            recipe=name, model=rc.model, batch_size=rc.batch_size, epochs=rc.epochs, opt=rc.opt, lr=rc.lr,
+            schedule=rc.schedule, label_smoothing=rc.label_smoothing,
+            settings=dict(preset=rc.preset, loader=rc.loader, amp=rc.amp, channels_last=rc.channels_last,
+                          compile=rc.compile, kernel=rc.kernel),
+            test_acc=statistics.fmean(r["test_acc"] for r in rows), test_acc_std=_std([r["test_acc"] for r in rows]),
+            train_seconds=statistics.fmean(r["train_seconds"] for r in rows),
+            train_seconds_std=_std([r["train_seconds"] for r in rows]), per_run=rows)
+    device = resolved["public"].torch_device
+    return dict(
+        dataset=dataset, runs=runs, target_acc=base.target_acc, device=str(device),
+        device_name=env.device_name(device), versions=env.versions(), git_commit=env.git_commit(),
+        command=" ".join(["fastcnn"] + sys.argv[1:]), date=datetime.datetime.now().isoformat(timespec="seconds"),
+        contenders=contenders,
+        speedup=contenders["public"]["train_seconds"] / contenders["speedrun"]["train_seconds"])
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+class _Discard:
+    def write(self, text):
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+def format_race(doc: dict) -> str:
+    rows = [dict(recipe=name, model=c["model"], batch=c["batch_size"], test_acc=c["test_acc"],
+                 test_acc_std=c["test_acc_std"], seconds=c["train_seconds"], seconds_std=c["train_seconds_std"])
+            for name, c in doc["contenders"].items()]
+    columns = [("recipe", "recipe", "s"), ("model", "model", "s"), ("batch", "batch", "d"),
+               ("test_acc", "test acc %", ".2f"), ("test_acc_std", "± std", ".2f"),
+               ("seconds", "train s", ".3f"), ("seconds_std", "± std", ".3f")]
+    head = (f"race on {doc['dataset']}: {doc['runs']} runs each, interleaved | {doc['device_name']} | torch "
+            f"{doc['versions']['torch']}")
+    return (f"{head}\n\n{format_table(rows, columns)}\n\nspeedrun trains {doc['speedup']:.2f}x faster than the "
+            f"public recipe (mean training seconds)")
+
+
+def plot_race(path: pathlib.Path, doc: dict) -> None:
+    """Test accuracy against training seconds, every run of both recipes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (name, contender), color in zip(doc["contenders"].items(), ("tab:gray", "tab:red"), strict=True):
+        for index, run in enumerate(contender["per_run"]):
+            points = run["evals"]
+            ax.plot([p["train_seconds"] for p in points], [p["test_acc"] for p in points], "o-", color=color,
+                    alpha=0.6, markersize=3, label=f"{name} ({contender['model']})" if index == 0 else None)
+    ax.set_xlabel("training seconds (evaluation excluded)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(95, 100) if doc["dataset"] == "mnist" else ax.set_ylim(80, 95)
+    ax.axhline(doc["target_acc"] or (99.0 if doc["dataset"] == "mnist" else 91.0), color="k", lw=0.8, ls="--")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(f"{doc['dataset']}: {doc['device_name']}", fontsize=9)
+    fig.tight_layout()
+    atomic_write_bytes(path, lambda file: fig.savefig(file, format="png", dpi=100))
+    plt.close(fig)
+
+
+def run_race_command(args, base: TrainConfig) -> dict:
+    for path in (args.json, args.plot):
+        if path and pathlib.Path(path).exists() and not args.overwrite:
+            raise UsageError(f"{path} already exists; pass --overwrite or another path")
+    doc = run_race(dataclasses.replace(base, dataset=base.dataset or "mnist"), runs=args.runs)
+    print(format_race(doc))
+    if args.json:
+        write_json(pathlib.Path(args.json), doc)
+        print(f"\nresults written to {args.json}")
+    if args.plot:
+        plot_race(pathlib.Path(args.plot), doc)
+        print(f"chart written to {args.plot}")
+    return doc
