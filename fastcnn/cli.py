@@ -7,6 +7,7 @@ other failures (130/143 when interrupted); ``--debug`` shows the traceback inste
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from fastcnn import __version__
@@ -110,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also evaluate every STEPS steps inside an epoch (its time is excluded from training time)")
     g.add_argument("--runs", type=int, default=1, help="train N times with seeds seed..seed+N-1; summary.json "
                    "holds means and standard deviations")
+    g.add_argument("--nproc", type=int, default=1, help="data parallel: run N processes with torchrun "
+                   "(DistributedDataParallel; -b is the global batch)")
+    g.add_argument("--deterministic", action="store_true", help="bitwise-repeatable runs (deterministic "
+                   "algorithms only; slower, see README)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -156,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from fastcnn.train import run_training
 
+            if args.nproc != 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+                from fastcnn.distributed import launch, strip_nproc
+
+                return launch(args.nproc, strip_nproc(list(sys.argv[1:] if argv is None else argv)))
             run_training(train_config(args))
         elif args.command == "bench":
             if args.race:

@@ -71,6 +71,7 @@ class TrainConfig:
     synthetic_size: tuple[int, int] = (60_000, 10_000)
     target_acc: float | None = None
     num_workers: int = 0
+    deterministic: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class ResolvedConfig:
     betas: tuple[float, float] | None = None
     label_smoothing: float = 0.0
     eval_every: int = 0
+    deterministic: bool = False
 
     @property
     def torch_device(self) -> torch.device:
@@ -216,7 +218,7 @@ def resolve(cfg: TrainConfig) -> ResolvedConfig:
         std=tuple(std), train_subset=cfg.train_subset, test_subset=cfg.test_subset,
         synthetic_size=tuple(cfg.synthetic_size), target_acc=cfg.target_acc, num_workers=cfg.num_workers,
         recipe=cfg.recipe, schedule=schedule, betas=tuple(cfg.betas) if cfg.betas else None,
-        label_smoothing=label_smoothing, eval_every=cfg.eval_every)
+        label_smoothing=label_smoothing, eval_every=cfg.eval_every, deterministic=cfg.deterministic)
 
 
 def apply_recipe(cfg: TrainConfig) -> TrainConfig:

@@ -105,7 +105,8 @@ class Trainer:
     def __init__(self, model: nn.Module, *, device: torch.device, opt: str = "adam", lr: float = 1e-3,
                  amp_dtype: torch.dtype | None = None, channels_last: bool = False, compile: bool = False,
                  compile_mode: str = "default", betas: tuple[float, float] | None = None,
-                 label_smoothing: float = 0.0, schedule: str = "constant", total_steps: int = 0):
+                 label_smoothing: float = 0.0, schedule: str = "constant", total_steps: int = 0,
+                 distributed: bool = False):
         self.device = device
         self.model = model.to(device)
         if channels_last:
@@ -116,7 +117,16 @@ class Trainer:
         self.amp_dtype = amp_dtype
         # float16 needs loss scaling to keep small gradients; bfloat16 has fp32's range and does not.
         self.scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-        self.forward_model = torch.compile(self.model, mode=compile_mode) if compile else self.model
+        train_model = self.model
+        if distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            train_model = DistributedDataParallel(self.model, device_ids=[device.index or 0]
+                                                  if device.type == "cuda" else None)
+        self.forward_model = torch.compile(train_model, mode=compile_mode) if compile else train_model
+        # Evaluation runs on the plain module: no gradient buckets to sync, same weights on every rank.
+        self.eval_model = self.forward_model if not distributed else (
+            torch.compile(self.model, mode=compile_mode) if compile else self.model)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -199,7 +209,7 @@ class Trainer:
         samples = 0
         for images, labels in loader:
             with self.autocast():
-                logits = self.forward_model(images)
+                logits = self.eval_model(images)
                 loss = F.cross_entropy(logits.float(), labels, reduction="sum")
             loss_sum += loss.double()
             correct += (logits.argmax(1) == labels).sum()

@@ -8,10 +8,12 @@ a checkpoint from which ``--resume`` continues exactly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import io
 import json
+import os
 import pathlib
 import shutil
 import signal
@@ -26,7 +28,8 @@ from fastcnn import env
 from fastcnn.checkpoint import load_checkpoint, save_checkpoint
 from fastcnn.config import ResolvedConfig, TrainConfig, resolve
 from fastcnn.data import ImageDataset, load_dataset, make_loader
-from fastcnn.engine import EpochProgress, Trainer, synchronize
+from fastcnn.distributed import DistributedContext, per_rank_batch_size
+from fastcnn.engine import EpochProgress, EpochStats, Trainer, synchronize
 from fastcnn.errors import FastcnnError, TrainingDivergedError, UsageError
 from fastcnn.models import build_model
 from fastcnn.report import EPOCH_COLUMNS, format_table, plot_curves, write_json, write_metrics
@@ -77,6 +80,26 @@ class StopRequests:
         return False
 
 
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool):
+    """Bitwise-repeatable runs: deterministic kernels only (an op without one fails loudly), no cuDNN autotuning.
+    fastcnn's fused kernel already reduces its gradients in a fixed order. The previous settings come back
+    afterwards, so a library caller's process is left as it was."""
+    if not enabled:
+        yield
+        return
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+             torch.backends.cudnn.deterministic)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[1], saved[2]
+
+
 def load_splits(rc: ResolvedConfig) -> tuple[ImageDataset, ImageDataset]:
     kwargs = dict(root=rc.data_dir, download=rc.download, synthetic_size=rc.synthetic_size, seed=rc.seed)
     train = load_dataset(rc.dataset, True, **kwargs).subset(rc.train_subset)
@@ -86,14 +109,15 @@ def load_splits(rc: ResolvedConfig) -> tuple[ImageDataset, ImageDataset]:
 
 def build_loaders(rc: ResolvedConfig, train_set: ImageDataset, test_set: ImageDataset, *, rank: int = 0,
                   world_size: int = 1):
+    """Train loader (this rank's shard, its share of the global batch) and test loader (the whole test set)."""
     # The device loader can emit the autocast dtype directly: the first layer would cast it anyway.
     dtype = rc.autocast_dtype if (rc.amp and rc.loader != "torch") else torch.float32
     options = dict(device=rc.torch_device, seed=rc.seed, mean=rc.mean, std=rc.std, dtype=dtype,
                    channels_last=rc.channels_last)
     if rc.loader == "torch":
         options["num_workers"] = rc.num_workers
-    train_loader = make_loader(rc.loader, train_set, rc.batch_size, shuffle=True, rank=rank,
-                               world_size=world_size, **options)
+    train_loader = make_loader(rc.loader, train_set, per_rank_batch_size(rc.batch_size, world_size), shuffle=True,
+                               rank=rank, world_size=world_size, **options)
     eval_kind = "torch" if rc.loader == "torch" else "device"
     eval_options = {k: v for k, v in options.items() if k != "num_workers" or eval_kind == "torch"}
     test_loader = make_loader(eval_kind, test_set, max(rc.batch_size, EVAL_BATCH_SIZE), shuffle=False,
@@ -110,7 +134,7 @@ def build_trainer(rc: ResolvedConfig, train_set: ImageDataset, test_set: ImageDa
     trainer = Trainer(model, device=rc.torch_device, opt=rc.opt, lr=rc.lr, amp_dtype=rc.autocast_dtype,
                       channels_last=rc.channels_last, compile=rc.compile, compile_mode=rc.compile_mode,
                       betas=rc.betas, label_smoothing=rc.label_smoothing, schedule=rc.schedule,
-                      total_steps=rc.epochs * len(train_loader))
+                      total_steps=rc.epochs * len(train_loader), distributed=world_size > 1)
     return trainer, train_loader, test_loader
 
 
@@ -152,6 +176,11 @@ def run_training(cfg: TrainConfig, *, stream=None, datasets=None) -> dict:
     ``datasets``: the (train, test) ImageDatasets when the caller already loaded them."""
     if cfg.runs > 1:
         return run_repeated(cfg, stream=stream)
+    with deterministic_algorithms(cfg.deterministic):
+        return _run_single(cfg, stream, datasets)
+
+
+def _run_single(cfg: TrainConfig, stream, datasets) -> dict:
     started = time.perf_counter()
     resume_state = None
     if cfg.resume:
@@ -163,8 +192,20 @@ def run_training(cfg: TrainConfig, *, stream=None, datasets=None) -> dict:
     output = pathlib.Path(cfg.output) if cfg.output else (
         pathlib.Path(cfg.resume).parent if cfg.resume else default_output_dir(rc.model))
     check_output_dir(output, overwrite=cfg.overwrite, resume=pathlib.Path(cfg.resume) if cfg.resume else None)
+    ctx = DistributedContext.from_env(rc.torch_device.type)
+    if ctx.enabled and not cfg.output and not cfg.resume:
+        raise UsageError("with several processes, give --output so that every rank agrees on the run folder")
+    try:
+        return _train(cfg, rc, ctx, train_set, test_set, output, resume_state, started, stream)
+    finally:
+        ctx.shutdown()
 
-    trainer, train_loader, test_loader = build_trainer(rc, train_set, test_set)
+
+def _train(cfg: TrainConfig, rc: ResolvedConfig, ctx: DistributedContext, train_set: ImageDataset,
+           test_set: ImageDataset, output: pathlib.Path, resume_state: dict | None, started: float, stream) -> dict:
+    main = ctx.is_main  # only rank 0 writes files and prints
+    trainer, train_loader, test_loader = build_trainer(rc, train_set, test_set, rank=ctx.rank,
+                                                       world_size=ctx.world_size)
     history: list[dict] = []
     evals: list[dict] = []  # every test evaluation: when (training seconds) and how good
     start_epoch, start_batch, partial, train_seconds = 0, 0, None, 0.0
@@ -186,11 +227,12 @@ def run_training(cfg: TrainConfig, *, stream=None, datasets=None) -> dict:
     warmup_seconds = warm_up(rc, trainer, train_loader, test_loader)
     setup_seconds = time.perf_counter() - started
 
-    created = not output.exists()
-    output.mkdir(parents=True, exist_ok=True)
-    if cfg.overwrite and resume_state is None:
-        for name in RUN_FILES:
-            (output / name).unlink(missing_ok=True)
+    created = main and not output.exists()
+    if main:
+        output.mkdir(parents=True, exist_ok=True)
+        if cfg.overwrite and resume_state is None:
+            for name in RUN_FILES:
+                (output / name).unlink(missing_ok=True)
     checkpoint_path = output / "checkpoint.pt"
     eval_seconds = 0.0
 
@@ -216,7 +258,7 @@ def run_training(cfg: TrainConfig, *, stream=None, datasets=None) -> dict:
             for epoch in range(start_epoch, rc.epochs):
                 train_loader.set_epoch(epoch, start_batch)
                 bar = tqdm(total=len(train_loader), initial=start_batch, desc=f"epoch {epoch + 1}/{rc.epochs}",
-                           unit="batch", disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True)
+                           unit="batch", disable=not (cfg.progress and main), file=sys.stderr, dynamic_ncols=True)
                 progress = partial or EpochProgress.start(rc.torch_device)
                 partial, start_batch = None, 0
                 try:
@@ -225,18 +267,23 @@ def run_training(cfg: TrainConfig, *, stream=None, datasets=None) -> dict:
                         on_eval=lambda p, e=epoch: evaluate(e, p.batches, p.seconds))
                 except Interrupted:
                     bar.close()
-                    save_checkpoint(checkpoint_path, checkpoint_state(epoch, progress.batches, progress))
+                    if main:
+                        save_checkpoint(checkpoint_path, checkpoint_state(epoch, progress.batches, progress))
                     raise
                 bar.close()
+                stats = global_stats(stats, ctx, rc.torch_device)
                 test_loss, test_acc = evaluate(epoch, len(train_loader), stats.seconds)
                 train_seconds += stats.seconds
                 history.append(dict(epoch=epoch + 1, train_loss=stats.loss, train_acc=stats.accuracy,
                                     test_loss=test_loss, test_acc=test_acc, epoch_seconds=stats.seconds,
                                     images_per_second=stats.images_per_second, train_seconds=train_seconds))
-                write_metrics(output / "metrics.jsonl", history)
-                save_checkpoint(checkpoint_path, checkpoint_state(epoch + 1, 0, None))
+                if main:
+                    write_metrics(output / "metrics.jsonl", history)
+                    save_checkpoint(checkpoint_path, checkpoint_state(epoch + 1, 0, None))
                 stop.check()
     except Interrupted as stop_request:
+        if not main:
+            raise
         print(f"fastcnn: interrupted by {stop_request}; checkpoint saved to {checkpoint_path}; continue with "
               f"`fastcnn train --resume {checkpoint_path}`", file=sys.stderr)
         raise
@@ -264,10 +311,25 @@ def run_training(cfg: TrainConfig, *, stream=None, datasets=None) -> dict:
         config=config_dict(rc), device_name=env.device_name(rc.torch_device), versions=env.versions(),
         git_commit=env.git_commit(), output=str(output), command=" ".join(sys.argv),
         finished_at=datetime.datetime.now().isoformat(timespec="seconds"))
-    write_json(output / "summary.json", summary)
-    plot_curves(output / "curves.png", history, f"{rc.model} on {rc.dataset} ({rc.preset} preset, {rc.device})")
-    print_summary(summary, history, stream or sys.stdout)
+    if ctx.enabled:
+        summary["distributed"] = dict(world_size=ctx.world_size, backend=ctx.backend,
+                                      parameters_in_sync=ctx.parameters_in_sync(trainer.model, rc.torch_device))
+    if main:
+        write_json(output / "summary.json", summary)
+        plot_curves(output / "curves.png", history, f"{rc.model} on {rc.dataset} ({rc.preset} preset, {rc.device})")
+        print_summary(summary, history, stream or sys.stdout)
+    ctx.barrier()
     return summary
+
+
+def global_stats(stats: EpochStats, ctx: DistributedContext, device: torch.device) -> EpochStats:
+    """An epoch's training loss, accuracy and throughput over all ranks (the slowest rank's time)."""
+    if not ctx.enabled:
+        return stats
+    loss_sum, correct, samples = ctx.sum([stats.loss * stats.samples, stats.accuracy * stats.samples / 100.0,
+                                          float(stats.samples)], device)
+    seconds = ctx.max(stats.seconds, device)
+    return EpochStats(loss_sum / samples, 100.0 * correct / samples, int(samples), seconds)
 
 
 def run_repeated(cfg: TrainConfig, *, stream=None) -> dict:

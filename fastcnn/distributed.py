@@ -1,0 +1,112 @@
+"""Data parallel training on torch.distributed: NCCL on GPUs, gloo on CPUs.
+
+``torchrun --nproc-per-node N -m fastcnn train ...`` starts N processes; each reads RANK / WORLD_SIZE /
+LOCAL_RANK from its environment (``DistributedContext.from_env``), trains on its own shard of every epoch with
+DistributedDataParallel, and only rank 0 writes logs, checkpoints and the summary. ``fastcnn train --nproc N``
+runs that torchrun command for you.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from fastcnn.errors import UsageError
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, device_type: str) -> DistributedContext:
+        """Join the process group torchrun set up (a no-op context when not started by torchrun)."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size <= 1:
+            return cls()
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            torch.cuda.set_device(local_rank)  # so that "cuda" means this process's GPU
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend)
+        return cls(rank, world_size, local_rank, backend)
+
+    def sum(self, values: list[float], device: torch.device) -> list[float]:
+        """Element-wise sum of ``values`` over all ranks (identity when not distributed)."""
+        if not self.enabled:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def max(self, value: float, device: torch.device) -> float:
+        if not self.enabled:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return float(tensor)
+
+    def parameters_in_sync(self, model: torch.nn.Module, device: torch.device) -> bool:
+        """Whether every rank holds bitwise the same parameters (DDP's promise; checked at the end of a run)."""
+        if not self.enabled:
+            return True
+        flat = torch.cat([p.detach().reshape(-1).to(torch.float64) for p in model.parameters()]).to(device)
+        gathered = [torch.empty_like(flat) for _ in range(self.world_size)]
+        dist.all_gather(gathered, flat)
+        return all(torch.equal(gathered[0], other) for other in gathered[1:])
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def shutdown(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def per_rank_batch_size(global_batch: int, world_size: int) -> int:
+    """-b is the global batch: each of the world_size ranks takes an equal share of it."""
+    if global_batch % world_size:
+        raise UsageError(f"--batch-size {global_batch} does not split evenly over {world_size} processes; "
+                         f"use a multiple of {world_size}")
+    return global_batch // world_size
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Run ``fastcnn <argv>`` under torchrun with ``nproc`` processes on this machine; return its exit code."""
+    if nproc < 1:
+        raise UsageError(f"--nproc must be at least 1, got {nproc}")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "fastcnn", *argv]
+    print("fastcnn: running " + " ".join(command[1:]), file=sys.stderr)
+    return subprocess.call(command)
+
+
+def strip_nproc(argv: list[str]) -> list[str]:
+    """argv without its --nproc option (so the launched processes do not launch again)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
