@@ -1,0 +1,244 @@
+"""``fastcnn predict CKPT IMAGE...``: classify image files with a trained run.
+
+Images of any size and mode are brought to what the model saw in training, following MNIST's own
+preprocessing: grayscale; polarity made "bright object on a dark background" (``--invert auto`` inverts a
+dark drawing on light paper, judged by the border pixels); background subtracted and contrast stretched;
+cropped to the object's bounding box; resized (antialiased, aspect ratio kept) to fit a 20x20 box; placed in a
+28x28 field so that its intensity center of mass sits at the center. The uint8 result is normalized with the
+run's mean/std by ``normalize_uint8``, exactly as training normalized its batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import numpy as np
+import torch
+
+from fastcnn.errors import FastcnnError, UsageError
+
+FIELD = 28  # MNIST image side
+BOX = 20  # MNIST digits are size-normalized to fit this box
+INVERT_CHOICES = ("auto", "yes", "no")
+# After background removal, pixels above this (of 1.0) make the object's bounding box: low enough to keep the
+# antialiased edge (MNIST's digits span exactly 20 pixels counting every non-zero one), high enough to skip noise.
+OBJECT_THRESHOLD = 0.05
+
+
+def class_names(dataset: str, count: int) -> list[str]:
+    """Class names of a dataset, as ``load_dataset`` gives them, without reading the data."""
+    from torchvision import datasets
+
+    names = {"mnist": datasets.MNIST.classes, "fashion-mnist": datasets.FashionMNIST.classes}.get(dataset)
+    if names is None or len(names) != count:
+        return [str(i) for i in range(count)]
+    return [str(name) for name in names]
+
+
+def open_image(path: str | pathlib.Path):
+    """Open and decode an image file with PIL. Raises FastcnnError naming the file when it cannot be read."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FastcnnError(f"cannot read image {path}: no such file")
+    if path.is_dir():
+        raise FastcnnError(f"cannot read image {path}: it is a directory")
+    try:
+        empty = path.stat().st_size == 0
+    except OSError as err:
+        raise FastcnnError(f"cannot read image {path}: {err.strerror or err}") from None
+    if empty:
+        raise FastcnnError(f"cannot read image {path}: the file is empty")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            # Phone photos are often stored sideways with an EXIF orientation tag.
+            return ImageOps.exif_transpose(image)
+    except UnidentifiedImageError:
+        raise FastcnnError(f"cannot read image {path}: not an image file PIL can identify "
+                           "(PNG or JPEG expected)") from None
+    except Exception as err:  # decoders raise OSError, SyntaxError, ValueError, EOFError... for broken files
+        reason = " ".join(str(err).split())[:160]
+        raise FastcnnError(f"cannot read image {path}: broken or unsupported image file "
+                           f"({reason or type(err).__name__})") from None
+
+
+def grayscale(image) -> np.ndarray:
+    """float64 (H, W) in [0, 1] from a PIL image of any mode (8/16/32-bit, palette, with or without alpha).
+
+    Transparent pixels are composited onto the background opposite to the opaque content's brightness, so
+    that a drawing on a transparent canvas keeps its strokes whatever their colour.
+    """
+    mode = image.mode
+    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        gray = np.asarray(image, dtype=np.float64) / 65535.0
+        return np.clip(gray, 0.0, 1.0)
+    if mode == "F":
+        gray = np.asarray(image, dtype=np.float64)
+        peak = gray.max(initial=0.0)
+        return np.clip(gray / (255.0 if 1.0 < peak <= 255.0 else 65535.0 if peak > 255.0 else 1.0), 0.0, 1.0)
+    has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in image.info) or (
+        mode in ("L", "RGB") and "transparency" in image.info)
+    if not has_alpha:
+        return np.asarray(image.convert("L"), dtype=np.float64) / 255.0
+    rgba = np.asarray(image.convert("RGBA"), dtype=np.float64) / 255.0
+    luma = rgba[..., :3] @ np.array([0.299, 0.587, 0.114])  # the weights of PIL's convert("L")
+    alpha = rgba[..., 3]
+    if alpha.min() >= 1.0:
+        return luma
+    ink = float((luma * alpha).sum() / alpha.sum()) if alpha.sum() > 0 else 1.0
+    background = 1.0 if ink < 0.5 else 0.0
+    return luma * alpha + background * (1.0 - alpha)
+
+
+def border_pixels(gray: np.ndarray) -> np.ndarray:
+    """The outermost ring of pixels, about 5% of the side thick (at least one pixel)."""
+    h, w = gray.shape
+    t = max(1, round(0.05 * min(h, w)))
+    return np.concatenate([gray[:t].ravel(), gray[-t:].ravel(), gray[:, :t].ravel(), gray[:, -t:].ravel()])
+
+
+def center_in_field(obj: np.ndarray) -> np.ndarray:
+    """Place ``obj`` (h, w <= FIELD) in a FIELD x FIELD zero field with its center of mass at the center
+    (integer shift, kept inside the field)."""
+    h, w = obj.shape
+    mass = obj.sum()
+    if mass > 0:
+        cy = float((obj.sum(axis=1) * np.arange(h)).sum() / mass)
+        cx = float((obj.sum(axis=0) * np.arange(w)).sum() / mass)
+    else:
+        cy, cx = (h - 1) / 2, (w - 1) / 2
+    center = FIELD / 2  # measured: MNIST's test digits have their centers of mass at (14.0, 14.0) +- 0.3
+    top = min(max(int(np.floor(center - cy + 0.5)), 0), FIELD - h)
+    left = min(max(int(np.floor(center - cx + 0.5)), 0), FIELD - w)
+    field = np.zeros((FIELD, FIELD), dtype=np.float64)
+    field[top:top + h, left:left + w] = obj
+    return field
+
+
+def preprocess(image, *, invert: str = "auto") -> tuple[np.ndarray, bool]:
+    """A PIL image -> (uint8 (28, 28) MNIST-style image, whether it was inverted).
+
+    ``invert``: "yes", "no", or "auto" (invert when most border pixels are bright: a dark object on light paper).
+    """
+    from PIL import Image
+
+    if invert not in INVERT_CHOICES:
+        raise ValueError(f"invert must be one of {INVERT_CHOICES}, got {invert!r}")
+    gray = grayscale(image)
+    inverted = invert == "yes" or (invert == "auto" and float(np.median(border_pixels(gray))) > 0.5)
+    if inverted:
+        gray = 1.0 - gray
+    # MNIST's background is 0 and its strokes reach 255: remove the paper's grey level, stretch the rest.
+    background = float(np.median(border_pixels(gray)))
+    peak = float(gray.max())
+    if peak - background < 1.0 / 255:
+        return np.zeros((FIELD, FIELD), dtype=np.uint8), inverted  # a blank image: nothing to center
+    gray = np.clip((gray - background) / (peak - background), 0.0, 1.0)
+    rows = np.flatnonzero((gray > OBJECT_THRESHOLD).any(axis=1))
+    cols = np.flatnonzero((gray > OBJECT_THRESHOLD).any(axis=0))
+    obj = gray[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    h, w = obj.shape
+    scale = BOX / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))  # PIL sizes are (width, height)
+    resized = Image.fromarray(obj.astype(np.float32)).resize(size, Image.Resampling.LANCZOS)
+    field = center_in_field(np.clip(np.asarray(resized, dtype=np.float64), 0.0, 1.0))
+    return np.rint(field * 255).astype(np.uint8), inverted
+
+
+@torch.no_grad()
+def predict_pixels(model: torch.nn.Module, pixels: torch.Tensor, *, mean, std,
+                   device: torch.device) -> torch.Tensor:
+    """Class probabilities (N, classes), float32, for uint8 (N, 1, 28, 28) ``pixels`` (fp32, no autocast)."""
+    from fastcnn.data.device_loader import as_channel_tensor, normalize_uint8
+
+    pixels = pixels.to(device)
+    channels = pixels.shape[1]
+    mean, std = as_channel_tensor(mean, channels, device), as_channel_tensor(std, channels, device)
+    images = normalize_uint8(pixels, mean, std)
+    return torch.softmax(model(images).float(), dim=1).cpu()
+
+
+def predict_files(checkpoint: str | pathlib.Path, paths: list[str], *, top: int = 1, invert: str = "auto",
+                  device: str = "auto", kernel: str | None = None) -> list[dict]:
+    """Classify image files with the model in ``checkpoint``. Every file is read before any prediction, so a bad
+    file fails the call (FastcnnError naming it) without output. One dict per file: path, index, class,
+    probability, inverted, and ``top`` (the ``top`` most probable classes, most probable first)."""
+    from fastcnn.config import pick_device
+    from fastcnn.evaluate import count_outputs, input_channels, load_model
+
+    if top < 1:
+        raise UsageError(f"--top must be at least 1, got {top}")
+    if invert not in INVERT_CHOICES:
+        raise UsageError(f"--invert must be one of {', '.join(INVERT_CHOICES)}, got {invert!r}")
+    torch_device = torch.device(pick_device(device))
+    loaded = load_model(checkpoint, device=torch_device, kernel=kernel)
+    if input_channels(loaded.model) != 1:
+        raise FastcnnError(f"checkpoint {checkpoint}: only 1-channel (grayscale) models are supported by predict")
+    classes = class_names(loaded.config.get("dataset", ""), count_outputs(loaded.model))
+    if top > len(classes):
+        raise UsageError(f"--top {top} is more than the model's {len(classes)} classes")
+    try:
+        mean, std = loaded.config["mean"], loaded.config["std"]
+    except KeyError as err:
+        raise FastcnnError(f"checkpoint {checkpoint} has an incomplete configuration (no {err})") from None
+
+    prepared = [preprocess(open_image(path), invert=invert) for path in paths]
+    if not prepared:
+        return []
+    pixels = torch.from_numpy(np.stack([pixels for pixels, _ in prepared]))[:, None]
+    probabilities = predict_pixels(loaded.model, pixels, mean=mean, std=std, device=torch_device)
+    results = []
+    for path, (_, inverted), probs in zip(paths, prepared, probabilities, strict=True):
+        values, indices = probs.topk(top)
+        ranked = [{"index": int(i), "class": classes[int(i)], "probability": float(v)}
+                  for v, i in zip(values, indices, strict=True)]
+        results.append({"path": str(path), **ranked[0], "inverted": inverted, "top": ranked})
+    return results
+
+
+def format_line(result: dict, show_top: bool) -> str:
+    line = f"{result['path']}: {result['class']} ({100 * result['probability']:.1f}%)"
+    if show_top:
+        line += "  top: " + ", ".join(f"{r['class']} {100 * r['probability']:.1f}%" for r in result["top"])
+    return line
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``predict`` subcommand to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
+    from fastcnn.config import DEVICES
+    from fastcnn.nn import KERNEL_CHOICES
+
+    p = subparsers.add_parser(
+        "predict", help="classify PNG/JPEG images with a trained run",
+        description="Classify image files with a checkpoint. Each image is converted the way MNIST was made: "
+        "grayscale, bright object on dark background, fitted into a 20x20 box and centered by center of mass "
+        "in 28x28, then normalized with the run's mean/std. Prints one line per image.")
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint.pt written by `fastcnn train`")
+    p.add_argument("images", metavar="IMAGE", nargs="+", help="PNG or JPEG files (any size, any mode)")
+    p.add_argument("--top", type=int, metavar="K", help="also show the K most probable classes")
+    p.add_argument("--invert", choices=INVERT_CHOICES, default="auto",
+                   help="make the object bright on a dark background as in MNIST: auto inverts images whose "
+                   "border is mostly bright (a dark digit on white paper) (default: auto)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda when a GPU is visible")
+    p.add_argument("--kernel", choices=KERNEL_CHOICES, help="Conv-ReLU-Pool implementation (default: the run's)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def run_command(args: argparse.Namespace, *, stream=None) -> int:
+    """Entry point of ``fastcnn predict`` (args from the parser built by ``add_parser``)."""
+    stream = stream or sys.stdout
+    results = predict_files(args.checkpoint, args.images, top=1 if args.top is None else args.top, invert=args.invert,
+                            device=args.device, kernel=args.kernel)
+    if args.json:
+        print(json.dumps(dict(checkpoint=str(args.checkpoint), predictions=results), indent=2), file=stream)
+    else:
+        for result in results:
+            print(format_line(result, args.top is not None), file=stream)
+    return 0
