@@ -7,12 +7,38 @@ import functools
 
 @functools.lru_cache(maxsize=1)
 def dali_status() -> tuple[bool, str]:
+    """(True, what runs) when nvidia.dali and fastcnn's DALI loader import; (False, why not and what to do)."""
     try:
         import nvidia.dali  # noqa: F401
     except Exception as err:  # ImportError, or a broken install raising anything at import
         return False, f"nvidia-dali is not importable ({type(err).__name__}: {err}); pip install nvidia-dali-cuda130"
     try:
         import fastcnn.data.dali_loader  # noqa: F401
-    except ImportError:
-        return False, "fastcnn's DALI loader is not implemented in this version yet"
-    return True, "DALI pipelines available"
+    except ImportError as err:
+        return False, f"fastcnn's DALI loader does not import ({err})"
+    gpu_ok, _ = dali_gpu_status()
+    where = "GPU and CPU-only pipelines" if gpu_ok else "CPU-only pipelines (device_id=None)"
+    return True, f"DALI {nvidia.dali.__version__} pipelines available: {where}"
+
+
+@functools.lru_cache(maxsize=1)
+def dali_gpu_status() -> tuple[bool, str]:
+    """Whether DALI can run GPU operators here: a CUDA device is visible to torch and a one-operator GPU pipeline
+    runs on it (this catches a DALI wheel built for a CUDA the driver does not support)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU visible; DALI runs CPU-only pipelines (device_id=None)"
+    try:
+        import numpy as np
+        from nvidia.dali import fn, pipeline_def
+
+        @pipeline_def(batch_size=1, num_threads=1, device_id=torch.cuda.current_device(), prefetch_queue_depth=1)
+        def probe():
+            return fn.external_source(name="x", device="cpu").gpu() * 2
+
+        probe().run(x=np.ones((1, 1), np.float32))
+    except Exception as err:  # a wheel for another CUDA, no driver support, ...
+        text = " ".join(str(err).split())[:200]
+        return False, f"DALI cannot run on the GPU ({type(err).__name__}: {text}); it runs CPU-only pipelines"
+    return True, f"DALI GPU pipelines on cuda:{torch.cuda.current_device()}"
