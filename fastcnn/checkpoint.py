@@ -46,7 +46,9 @@ def load_checkpoint(path: str | os.PathLike, *, model_name: str | None = None) -
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         reason = " ".join(str(err).split())
-        if "weights_only" in reason or "Unsupported global" in reason:
+        # torch names the class a pickled object needs ("Unsupported global: GLOBAL module.Class"); other
+        # weights_only failures ("Unsupported operand", truncated streams) are plain unreadable files.
+        if "Unsupported global" in reason or "GLOBAL " in reason:
             raise FastcnnError(f"refusing checkpoint {path}: it holds pickled Python objects, which could run "
                                "code when loaded; only checkpoints written by fastcnn are accepted") from None
         raise FastcnnError(f"cannot read checkpoint {path}: not a readable torch checkpoint "

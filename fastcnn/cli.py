@@ -1,4 +1,4 @@
-"""The ``fastcnn`` command: ``train``, ``bench`` and ``env``.
+"""The ``fastcnn`` command: ``train``, ``bench``, ``eval``, ``predict`` and ``env``.
 
 Errors the user can fix print one line, ``fastcnn: error: ...``, on stderr and exit 2 for bad arguments, 1 for
 other failures (130/143 when interrupted); ``--debug`` shows the traceback instead.
@@ -144,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     envp = sub.add_parser("env", help="versions, devices and available features (for bug reports)")
     envp.add_argument("--json", action="store_true", help="print JSON")
     envp.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    from fastcnn import evaluate, predict
+
+    evaluate.add_parser(sub)
+    predict.add_parser(sub)
     return parser
 
 
@@ -175,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
                 from fastcnn.bench import run_bench_command
 
                 run_bench_command(args, train_config(args))
+        elif args.command in ("eval", "predict"):
+            from fastcnn import evaluate, predict
+
+            return (evaluate if args.command == "eval" else predict).run_command(args)
         elif args.command == "env":
             import json
 
