@@ -51,7 +51,8 @@ AUGMENT_SALT = 0x5A17_DA11
 def dali_threads(gpu: bool) -> int:
     """CPU threads for a DALI pipeline. A CPU pipeline's batch is small work (~0.5 ms for 64 MNIST images) that
     runs while the training step waits: on a 2-core machine one thread was faster than two (batch 64: 0.56 vs
-    0.65 ms; batch 1000: 3.9 vs 4.5 ms, DALI 2.4), so a thread per two cores, at most 4."""
+    0.65 ms; batch 1000: 3.9 vs 4.5 ms, DALI 2.4), so a CPU pipeline gets a thread per two cores, a GPU pipeline
+    (whose CPU side only feeds inputs) one per core; at most 4."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
