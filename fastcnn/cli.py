@@ -50,13 +50,17 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", choices=sorted(MODELS), help="model to train (default: simplecnn, or the recipe's)")
     g.add_argument("--dataset", choices=DATASETS, help="dataset (default: the model's tutorial dataset)")
-    g.add_argument("--data-dir", help="dataset root in torchvision's layout (default: $FASTCNN_DATA, else ./data)")
+    g.add_argument("--data-dir", help="dataset root in torchvision's layout (default: $FASTCNN_DATA, else ./data); "
+                   "for --dataset imagefolder, a folder of <class>/<image>.png (or train/ and test/ subfolders)")
     g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                    help="download a missing dataset when the network allows (default: on)")
     g.add_argument("--train-subset", type=int, metavar="N", help="use only the first N training images")
     g.add_argument("--test-subset", type=int, metavar="N", help="use only the first N test images")
     g.add_argument("--synthetic-size", type=positive_pair, default=(60_000, 10_000), metavar="TRAIN,TEST",
                    help="sample counts of --dataset synthetic (default: 60000,10000)")
+    g.add_argument("--augment", action="store_true", help="random translation by up to 2 pixels (DALI loader)")
+    g.add_argument("--flip", action="store_true", help="with --augment: random horizontal flips too (never for "
+                   "digits; fine for most photos)")
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int, help="epochs (default: the tutorial's, 1)")
     g.add_argument("-b", "--batch-size", type=int, help="batch size (default: the tutorial's: 64 simplecnn, 100 lenet)")

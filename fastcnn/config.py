@@ -72,6 +72,8 @@ class TrainConfig:
     target_acc: float | None = None
     num_workers: int = 0
     deterministic: bool = False
+    augment: bool = False
+    flip: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,8 @@ class ResolvedConfig:
     label_smoothing: float = 0.0
     eval_every: int = 0
     deterministic: bool = False
+    augment: bool = False
+    flip: bool = False
 
     @property
     def torch_device(self) -> torch.device:
@@ -208,6 +212,9 @@ def resolve(cfg: TrainConfig) -> ResolvedConfig:
     compile_mode = cfg.compile_mode or "default"
     _require(compile_mode in COMPILE_MODES,
              f"unknown --compile-mode {compile_mode!r}; choose one of: {', '.join(COMPILE_MODES)}")
+    _require(not cfg.flip or cfg.augment, "--flip is a kind of augmentation: add --augment")
+    _require(not cfg.augment or chosen["loader"] == "dali",
+             "--augment is done by the DALI loader on the device: add --loader dali")
     _check_available(chosen, device, amp_dtype)
     return ResolvedConfig(
         model=spec.name, dataset=dataset, data_dir=cfg.data_dir, download=cfg.download, epochs=epochs,
@@ -218,7 +225,8 @@ def resolve(cfg: TrainConfig) -> ResolvedConfig:
         std=tuple(std), train_subset=cfg.train_subset, test_subset=cfg.test_subset,
         synthetic_size=tuple(cfg.synthetic_size), target_acc=cfg.target_acc, num_workers=cfg.num_workers,
         recipe=cfg.recipe, schedule=schedule, betas=tuple(cfg.betas) if cfg.betas else None,
-        label_smoothing=label_smoothing, eval_every=cfg.eval_every, deterministic=cfg.deterministic)
+        label_smoothing=label_smoothing, eval_every=cfg.eval_every, deterministic=cfg.deterministic,
+        augment=cfg.augment, flip=cfg.flip)
 
 
 def apply_recipe(cfg: TrainConfig) -> TrainConfig:
@@ -245,6 +253,12 @@ def _check_available(chosen: dict, device: str, amp_dtype: str) -> None:
         ok, why = dali_status()
         if not ok:
             raise NotAvailableError(f"--loader dali is not available here: {why}; use --loader device")
+        if device == "cuda":
+            from fastcnn.data.dali_status import dali_gpu_status
+
+            ok, why = dali_gpu_status()
+            if not ok:
+                raise NotAvailableError(f"--loader dali cannot use the GPU here: {why}; use --loader device")
     if chosen["amp"] and amp_dtype == "float16" and device == "cpu":
         raise NotAvailableError("--amp-dtype float16 needs a CUDA GPU (the CPU autocasts to bfloat16); "
                                 "use --amp-dtype bfloat16 or --no-amp")

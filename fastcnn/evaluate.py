@@ -52,8 +52,10 @@ def load_model(path: str | pathlib.Path, *, device: torch.device | str = "cpu", 
     if name not in MODELS or not isinstance(config, dict) or not isinstance(weights, dict):
         raise FastcnnError(f"cannot use checkpoint {path}: it lacks a known model name, configuration or weights "
                            f"(model {name!r}); was it written by another version of fastcnn?")
+    classes = state.get("classes") or [str(i) for i in range(10)]  # checkpoints record their class names
     model = build_model(name, kernel=kernel or config.get("kernel", "auto"),
-                        reference_impl=bool(config.get("reference_model", False)))
+                        reference_impl=bool(config.get("reference_model", False)), num_classes=len(classes),
+                        image_shape=tuple(state.get("image_shape") or (1, 28, 28)))
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:

@@ -91,11 +91,22 @@ def get_spec(name: str) -> ModelSpec:
         raise UsageError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}") from None
 
 
-def build_model(name: str, *, kernel: str = "auto", reference_impl: bool = False) -> nn.Module:
+def build_model(name: str, *, kernel: str = "auto", reference_impl: bool = False, num_classes: int = 10,
+                image_shape: tuple[int, int, int] = (1, 28, 28)) -> nn.Module:
     """Build model ``name``: the fastcnn version (fused blocks, ``kernel`` picks their implementation) or,
-    with ``reference_impl``, the tutorial's own class. Both have the same state_dict keys."""
+    with ``reference_impl``, the tutorial's own class. Both have the same state_dict keys.
+
+    Every model takes 28x28 images; fastcnn's versions take any class count and channel count (the tutorial
+    classes are fixed at 10 classes and 1 channel, as in the tutorials)."""
     spec = get_spec(name)
-    return spec.build_reference() if reference_impl else spec.build(kernel=kernel)
+    if tuple(image_shape[1:]) != (28, 28):
+        raise UsageError(f"model {name} takes 28x28 images, not {image_shape[1]}x{image_shape[2]}")
+    if reference_impl:
+        if (num_classes, image_shape[0]) != (10, 1):
+            raise UsageError(f"the tutorial's {name} takes 10 classes of 1-channel images (got {num_classes} "
+                             f"classes, {image_shape[0]} channels); use --preset fast or --kernel torch")
+        return spec.build_reference()
+    return spec.build(kernel=kernel, num_classes=num_classes, in_channels=image_shape[0])
 
 
 class FastNet(nn.Module):
@@ -133,7 +144,7 @@ class PublicMNISTNet(nn.Module):
 
 
 MODELS["mnistfast"] = ModelSpec(
-    "mnistfast", lambda kernel="auto": FastNet(kernel, widths=(24, 32, 256)), PublicMNISTNet,
+    "mnistfast", lambda **kw: FastNet(widths=(24, 32, 256), **kw), PublicMNISTNet,
     TutorialRecipe("mnist", 256, 1e-2, "adam", 1, MNIST_MEAN, MNIST_STD),
     "the public train_mnist_fast network: conv 1->24 k5, conv 24->32 k3 (maxpool 2, ReLU each), 800->256->10")
 
@@ -141,7 +152,7 @@ MODELS["mnistfast"] = ModelSpec(
 FASTNET_WIDTHS = (16, 32, 128)
 
 MODELS["fastnet"] = ModelSpec(
-    "fastnet", lambda kernel="auto": FastNet(kernel, widths=FASTNET_WIDTHS),
+    "fastnet", lambda **kw: FastNet(widths=FASTNET_WIDTHS, **kw),
     lambda: PublicMNISTNet(widths=FASTNET_WIDTHS),
     TutorialRecipe("mnist", 256, 1e-2, "adam", 1, MNIST_MEAN, MNIST_STD),
     "fastcnn's speedrun network: fused conv blocks 1->c1 k5, c1->c2 k3, a c2*25->hidden->10 head")

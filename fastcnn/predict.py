@@ -179,7 +179,8 @@ def predict_files(checkpoint: str | pathlib.Path, paths: list[str], *, top: int 
     loaded = load_model(checkpoint, device=torch_device, kernel=kernel)
     if input_channels(loaded.model) != 1:
         raise FastcnnError(f"checkpoint {checkpoint}: only 1-channel (grayscale) models are supported by predict")
-    classes = class_names(loaded.config.get("dataset", ""), count_outputs(loaded.model))
+    classes = loaded.state.get("classes") or class_names(loaded.config.get("dataset", ""),
+                                                         count_outputs(loaded.model))
     if top > len(classes):
         raise UsageError(f"--top {top} is more than the model's {len(classes)} classes")
     try:

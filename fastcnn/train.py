@@ -116,8 +116,9 @@ def build_loaders(rc: ResolvedConfig, train_set: ImageDataset, test_set: ImageDa
                    channels_last=rc.channels_last)
     if rc.loader == "torch":
         options["num_workers"] = rc.num_workers
+    augmentation = dict(augment=rc.augment, flip=rc.flip) if rc.loader == "dali" else {}
     train_loader = make_loader(rc.loader, train_set, per_rank_batch_size(rc.batch_size, world_size), shuffle=True,
-                               rank=rank, world_size=world_size, **options)
+                               rank=rank, world_size=world_size, **options, **augmentation)
     eval_kind = "torch" if rc.loader == "torch" else "device"
     eval_options = {k: v for k, v in options.items() if k != "num_workers" or eval_kind == "torch"}
     test_loader = make_loader(eval_kind, test_set, max(rc.batch_size, EVAL_BATCH_SIZE), shuffle=False,
@@ -130,7 +131,8 @@ def build_trainer(rc: ResolvedConfig, train_set: ImageDataset, test_set: ImageDa
     """Model (seeded), optimizer and loaders for ``rc``: everything a run needs before its first step."""
     train_loader, test_loader = build_loaders(rc, train_set, test_set, rank=rank, world_size=world_size)
     torch.manual_seed(rc.seed)
-    model = build_model(rc.model, kernel=rc.kernel, reference_impl=rc.reference_model)
+    model = build_model(rc.model, kernel=rc.kernel, reference_impl=rc.reference_model,
+                        num_classes=train_set.num_classes, image_shape=train_set.image_shape)
     trainer = Trainer(model, device=rc.torch_device, opt=rc.opt, lr=rc.lr, amp_dtype=rc.autocast_dtype,
                       channels_last=rc.channels_last, compile=rc.compile, compile_mode=rc.compile_mode,
                       betas=rc.betas, label_smoothing=rc.label_smoothing, schedule=rc.schedule,
@@ -251,7 +253,8 @@ def _train(cfg: TrainConfig, rc: ResolvedConfig, ctx: DistributedContext, train_
                     scheduler=trainer.scheduler.state_dict() if trainer.scheduler is not None else None,
                     evals=evals, epoch=epoch,
                     batch=batch, partial=progress.to_dict() if progress is not None else None,
-                    history=history, train_seconds=train_seconds, config=config_dict(rc), rng=capture_rng())
+                    history=history, train_seconds=train_seconds, config=config_dict(rc), rng=capture_rng(),
+                    classes=list(train_set.classes), image_shape=list(train_set.image_shape))
 
     try:
         with StopRequests() as stop:

@@ -86,3 +86,52 @@ def test_python_dash_m_and_console_script():
                  "--device", "--preset", "--loader", "--amp", "--amp-dtype", "--channels-last", "--compile",
                  "--compile-mode", "--cuda-graph", "--kernel", "--output", "--resume", "--no-progress"):
         assert flag in result.stdout, flag
+
+
+def write_image_folder(root, per_class=12):
+    """Three classes a CNN can tell apart: a bright square, a horizontal bar, a vertical bar, of varying size."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for name in ("square", "hbar", "vbar"):
+        folder = root / name
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            size = 40 + int(torch.randint(0, 30, (1,), generator=gen))
+            pixels = torch.zeros(size, size, dtype=torch.uint8)
+            a, b = size // 4, 3 * size // 4
+            if name == "square":
+                pixels[a:b, a:b] = 255
+            elif name == "hbar":
+                pixels[size // 2 - 3:size // 2 + 3, 4:-4] = 255
+            else:
+                pixels[4:-4, size // 2 - 3:size // 2 + 3] = 255
+            Image.fromarray(pixels.numpy()).convert("RGB").save(folder / f"{i}.png")
+
+
+def test_train_eval_predict_on_an_image_folder_with_dali_augmentation(tmp_path, capsys):
+    root = tmp_path / "shapes"
+    write_image_folder(root)
+    run = tmp_path / "run"
+    code = main(["train", "--dataset", "imagefolder", "--data-dir", str(root), "--loader", "dali", "--augment",
+                 "--epochs", "8", "-b", "8", "--lr", "3e-3", "--output", str(run), "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["config"]["augment"] and summary["config"]["loader"] == "dali"
+    assert summary["test_acc"] >= 80.0
+    assert main(["eval", str(run / "checkpoint.pt"), "--data-dir", str(root)]) == 0
+    evaluated = json.loads((run / "eval.json").read_text())
+    assert evaluated["classes"] == ["hbar", "square", "vbar"]
+    assert main(["predict", str(run / "checkpoint.pt"), str(root / "vbar" / "0.png")]) == 0
+    assert "vbar" in capsys.readouterr().out
+
+
+def test_augmentation_needs_the_dali_loader_and_tutorial_models_need_ten_classes(tmp_path, capsys):
+    root = tmp_path / "shapes"
+    write_image_folder(root, per_class=3)
+    assert main(["train", "--dataset", "imagefolder", "--data-dir", str(root), "--augment"]) == 2
+    assert "--loader dali" in capsys.readouterr().err
+    assert main(["train", "--dataset", "imagefolder", "--data-dir", str(root), "--preset", "reference",
+                 "--output", str(tmp_path / "r"), "--no-progress"]) == 2
+    assert "10 classes" in capsys.readouterr().err

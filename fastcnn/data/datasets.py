@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastcnn.errors import DatasetError, UsageError
+from fastcnn.errors import DatasetError, NotAvailableError, UsageError
 
-DATASETS = ("mnist", "fashion-mnist", "synthetic")
+DATASETS = ("mnist", "fashion-mnist", "synthetic", "imagefolder")
 DEFAULT_SYNTHETIC_SIZE = (60_000, 10_000)
 
 
@@ -67,6 +67,20 @@ def load_dataset(name: str, train: bool, *, root: str | os.PathLike | None = Non
         return synthetic_dataset(synthetic_size[0] if train else synthetic_size[1], train=train, seed=seed)
     if name in ("mnist", "fashion-mnist"):
         return _load_torchvision_mnist(name, train, default_data_root(root), download)
+    if name == "imagefolder":
+        # No default root here: ./data holds MNIST/ and FashionMNIST/, which would be taken for classes.
+        if root is None:
+            raise UsageError("--dataset imagefolder needs --data-dir: a folder laid out as <class>/<image>.png "
+                             "(or train/<class>/... and test/<class>/...)")
+        from fastcnn.data.dali_status import dali_status
+
+        ok, why = dali_status()
+        if not ok:
+            raise NotAvailableError(f"--dataset imagefolder decodes images with DALI, which is not available "
+                                    f"here: {why}")
+        from fastcnn.data.imagefolder import load_imagefolder
+
+        return load_imagefolder(root, train)  # the same held-out test images whatever the run's seed
     raise UsageError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
 
 
