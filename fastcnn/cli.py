@@ -28,6 +28,16 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def int_triple(text: str) -> tuple[int, int, int]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive integers like 16,32,128, got {text!r}")
+    return values
+
+
 def float_pair(text: str) -> tuple[float, float]:
     try:
         first, second = (float(part) for part in text.split(","))
@@ -54,6 +64,8 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
                    "for --dataset imagefolder, a folder of <class>/<image>.png (or train/ and test/ subfolders)")
     g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                    help="download a missing dataset when the network allows (default: on)")
+    g.add_argument("--widths", type=int_triple, metavar="C1,C2,H", help="fastnet's widths: conv1 and conv2 "
+                   "channels, hidden units (default: the recipe's)")
     g.add_argument("--train-subset", type=int, metavar="N", help="use only the first N training images")
     g.add_argument("--test-subset", type=int, metavar="N", help="use only the first N test images")
     g.add_argument("--synthetic-size", type=positive_pair, default=(60_000, 10_000), metavar="TRAIN,TEST",

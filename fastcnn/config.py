@@ -74,6 +74,7 @@ class TrainConfig:
     deterministic: bool = False
     augment: bool = False
     flip: bool = False
+    widths: tuple[int, int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class ResolvedConfig:
     deterministic: bool = False
     augment: bool = False
     flip: bool = False
+    widths: tuple[int, int, int] | None = None
 
     @property
     def torch_device(self) -> torch.device:
@@ -226,17 +228,18 @@ def resolve(cfg: TrainConfig) -> ResolvedConfig:
         synthetic_size=tuple(cfg.synthetic_size), target_acc=cfg.target_acc, num_workers=cfg.num_workers,
         recipe=cfg.recipe, schedule=schedule, betas=tuple(cfg.betas) if cfg.betas else None,
         label_smoothing=label_smoothing, eval_every=cfg.eval_every, deterministic=cfg.deterministic,
-        augment=cfg.augment, flip=cfg.flip)
+        augment=cfg.augment, flip=cfg.flip, widths=tuple(cfg.widths) if cfg.widths else None)
 
 
 def apply_recipe(cfg: TrainConfig) -> TrainConfig:
     """Fill the options a named recipe decides, leaving every explicitly given flag as it is."""
     recipe = get_recipe(cfg.recipe, cfg.dataset or "mnist")
-    chosen = dict(model=recipe.model, dataset=cfg.dataset or "mnist", batch_size=recipe.batch_size, lr=recipe.lr,
-                  opt=recipe.opt, betas=recipe.betas, schedule=recipe.schedule,
-                  label_smoothing=recipe.label_smoothing, epochs=recipe.epochs,
+    device_settings = recipe.device_settings.get(pick_device(cfg.device), {})
+    chosen = dict(model=recipe.model, widths=recipe.widths, dataset=cfg.dataset or "mnist",
+                  batch_size=recipe.batch_size, lr=recipe.lr, opt=recipe.opt, betas=recipe.betas,
+                  schedule=recipe.schedule, label_smoothing=recipe.label_smoothing, epochs=recipe.epochs,
                   normalize=recipe.norm,  # a recipe normalizes per dataset, not per model
-                  **recipe.settings)
+                  **recipe.settings, **device_settings)
     return dataclasses.replace(cfg, **{k: v for k, v in chosen.items() if getattr(cfg, k) is None})
 
 

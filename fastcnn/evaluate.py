@@ -55,7 +55,8 @@ def load_model(path: str | pathlib.Path, *, device: torch.device | str = "cpu", 
     classes = state.get("classes") or [str(i) for i in range(10)]  # checkpoints record their class names
     model = build_model(name, kernel=kernel or config.get("kernel", "auto"),
                         reference_impl=bool(config.get("reference_model", False)), num_classes=len(classes),
-                        image_shape=tuple(state.get("image_shape") or (1, 28, 28)))
+                        image_shape=tuple(state.get("image_shape") or (1, 28, 28)),
+                        widths=tuple(config["widths"]) if config.get("widths") else None)
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:

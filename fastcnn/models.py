@@ -92,21 +92,28 @@ def get_spec(name: str) -> ModelSpec:
 
 
 def build_model(name: str, *, kernel: str = "auto", reference_impl: bool = False, num_classes: int = 10,
-                image_shape: tuple[int, int, int] = (1, 28, 28)) -> nn.Module:
+                image_shape: tuple[int, int, int] = (1, 28, 28), widths: tuple[int, int, int] | None = None
+                ) -> nn.Module:
     """Build model ``name``: the fastcnn version (fused blocks, ``kernel`` picks their implementation) or,
     with ``reference_impl``, the tutorial's own class. Both have the same state_dict keys.
 
     Every model takes 28x28 images; fastcnn's versions take any class count and channel count (the tutorial
-    classes are fixed at 10 classes and 1 channel, as in the tutorials)."""
+    classes are fixed at 10 classes and 1 channel, as in the tutorials). ``widths`` (conv1, conv2, hidden)
+    resizes fastnet."""
     spec = get_spec(name)
+    extra = {}
+    if widths is not None:
+        if name != "fastnet":
+            raise UsageError(f"--widths applies to fastnet, not {name}")
+        extra["widths"] = tuple(widths)
     if tuple(image_shape[1:]) != (28, 28):
         raise UsageError(f"model {name} takes 28x28 images, not {image_shape[1]}x{image_shape[2]}")
     if reference_impl:
         if (num_classes, image_shape[0]) != (10, 1):
             raise UsageError(f"the tutorial's {name} takes 10 classes of 1-channel images (got {num_classes} "
                              f"classes, {image_shape[0]} channels); use --preset fast or --kernel torch")
-        return spec.build_reference()
-    return spec.build(kernel=kernel, num_classes=num_classes, in_channels=image_shape[0])
+        return spec.build_reference(**extra)
+    return spec.build(kernel=kernel, num_classes=num_classes, in_channels=image_shape[0], **extra)
 
 
 class FastNet(nn.Module):
@@ -152,7 +159,7 @@ MODELS["mnistfast"] = ModelSpec(
 FASTNET_WIDTHS = (16, 32, 128)
 
 MODELS["fastnet"] = ModelSpec(
-    "fastnet", lambda **kw: FastNet(widths=FASTNET_WIDTHS, **kw),
-    lambda: PublicMNISTNet(widths=FASTNET_WIDTHS),
+    "fastnet", lambda **kw: FastNet(**{"widths": FASTNET_WIDTHS, **kw}),
+    lambda **kw: PublicMNISTNet(**{"widths": FASTNET_WIDTHS, **kw}),
     TutorialRecipe("mnist", 256, 1e-2, "adam", 1, MNIST_MEAN, MNIST_STD),
     "fastcnn's speedrun network: fused conv blocks 1->c1 k5, c1->c2 k3, a c2*25->hidden->10 head")

@@ -132,7 +132,7 @@ def build_trainer(rc: ResolvedConfig, train_set: ImageDataset, test_set: ImageDa
     train_loader, test_loader = build_loaders(rc, train_set, test_set, rank=rank, world_size=world_size)
     torch.manual_seed(rc.seed)
     model = build_model(rc.model, kernel=rc.kernel, reference_impl=rc.reference_model,
-                        num_classes=train_set.num_classes, image_shape=train_set.image_shape)
+                        num_classes=train_set.num_classes, image_shape=train_set.image_shape, widths=rc.widths)
     trainer = Trainer(model, device=rc.torch_device, opt=rc.opt, lr=rc.lr, amp_dtype=rc.autocast_dtype,
                       channels_last=rc.channels_last, compile=rc.compile, compile_mode=rc.compile_mode,
                       betas=rc.betas, label_smoothing=rc.label_smoothing, schedule=rc.schedule,
@@ -431,6 +431,8 @@ def print_summary(summary: dict, history: list[dict], stream) -> None:
 def config_dict(rc: ResolvedConfig) -> dict:
     data = rc.to_dict()
     data["mean"], data["std"], data["synthetic_size"] = list(rc.mean), list(rc.std), list(rc.synthetic_size)
+    for key in ("betas", "widths"):
+        data[key] = list(data[key]) if data[key] is not None else None
     return data
 
 
@@ -439,6 +441,9 @@ def resume_config(state: dict, cfg: TrainConfig) -> ResolvedConfig:
     saved = dict(state["config"])
     saved["mean"], saved["std"] = tuple(saved["mean"]), tuple(saved["std"])
     saved["synthetic_size"] = tuple(saved["synthetic_size"])
+    for key in ("betas", "widths"):
+        if saved.get(key) is not None:
+            saved[key] = tuple(saved[key])
     if cfg.epochs is not None:
         if cfg.epochs < 1:
             raise UsageError(f"--epochs must be at least 1, got {cfg.epochs}")
