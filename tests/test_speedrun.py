@@ -1,0 +1,70 @@
+"""Recipes, repeated runs and the race (small data; the full-size figures are in the README)."""
+
+import json
+
+import pytest
+
+from fastcnn.cli import main
+from fastcnn.config import TrainConfig, resolve
+from fastcnn.errors import UsageError
+
+
+def test_speedrun_recipe_resolution_and_overrides():
+    rc = resolve(TrainConfig(recipe="speedrun", device="cpu"))
+    assert (rc.model, rc.dataset, rc.batch_size, rc.opt, rc.schedule, rc.betas, rc.label_smoothing) == (
+        "fastnet", "mnist", 256, "adam", "onecycle", (0.7, 0.9), 0.1)
+    assert rc.amp is False and rc.channels_last and rc.loader == "device"
+    assert rc.mean == (0.1307,)
+    custom = resolve(TrainConfig(recipe="speedrun", device="cpu", batch_size=128, amp=True, widths=(8, 8, 8)))
+    assert (custom.batch_size, custom.amp, custom.widths) == (128, True, (8, 8, 8))
+    fashion = resolve(TrainConfig(recipe="speedrun", dataset="fashion-mnist", device="cpu"))
+    assert fashion.mean == (0.2860,) and fashion.epochs >= 1
+    public = resolve(TrainConfig(recipe="public", device="cpu"))
+    assert (public.model, public.reference_model, public.amp, public.channels_last, public.loader) == (
+        "mnistfast", True, False, False, "device")
+
+
+def test_recipe_errors():
+    with pytest.raises(UsageError, match="no settings for dataset"):
+        resolve(TrainConfig(recipe="speedrun", dataset="synthetic", device="cpu"))
+    with pytest.raises(UsageError, match="--widths applies to fastnet"):
+        from fastcnn.models import build_model
+
+        build_model("simplecnn", widths=(1, 2, 3))
+
+
+def test_runs_write_means_and_a_speedrun_log(data_root, tmp_path, capsys):
+    out = tmp_path / "runs"
+    code = main(["train", "--recipe", "speedrun", "--data-dir", str(data_root), "--train-subset", "2048",
+                 "--test-subset", "500", "--runs", "2", "--target-acc", "15", "--eval-every", "2", "--widths",
+                 "8,16,32", "--output", str(out), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["runs"] == 2 and len(summary["per_run"]) == 2
+    accs = [run["test_acc"] for run in summary["per_run"]]
+    assert summary["test_acc"] == pytest.approx(sum(accs) / 2)
+    assert summary["test_acc_std"] >= 0 and summary["train_seconds_std"] >= 0
+    assert [run["seed"] for run in summary["per_run"]] == [0, 1]
+    assert len(summary["per_run"][0]["evals"]) >= 4  # every 2 of 8 steps, plus the epoch's end
+    assert summary["time_to_target"] is not None
+    assert "±" in printed and "run" in printed
+    assert (out / "run1" / "checkpoint.pt").exists() and (out / "run2" / "summary.json").exists()
+    # the widths travel with the checkpoint: eval rebuilds the same network
+    assert main(["eval", str(out / "run1" / "checkpoint.pt"), "--data-dir", str(data_root)]) == 0
+
+
+def test_race_reports_both_recipes_and_their_ratio(data_root, tmp_path, capsys):
+    json_path, png_path = tmp_path / "race.json", tmp_path / "race.png"
+    code = main(["bench", "--race", "--data-dir", str(data_root), "--train-subset", "1024", "--test-subset", "300",
+                 "--runs", "1", "--json", str(json_path), "--plot", str(png_path)])
+    out = capsys.readouterr().out
+    assert code == 0
+    doc = json.loads(json_path.read_text())
+    assert set(doc["contenders"]) == {"public", "speedrun"}
+    public, speedrun = doc["contenders"]["public"], doc["contenders"]["speedrun"]
+    assert doc["speedup"] == pytest.approx(public["train_seconds"] / speedrun["train_seconds"])
+    assert public["model"] == "mnistfast" and speedrun["model"] == "fastnet"
+    assert len(public["per_run"][0]["evals"]) > 1
+    assert png_path.read_bytes()[:4] == b"\x89PNG"
+    assert "faster than the public recipe" in out
