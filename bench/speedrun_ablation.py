@@ -43,6 +43,15 @@ VARIANTS = {
         ("batch-512", "batch 512, lr 2e-2 (tried, not kept)", dict(recipe="speedrun", batch_size=512, lr=2e-2),
          "--recipe speedrun -b 512 --lr 0.02"),
     ],
+    "fashion-mnist": [
+        ("public", "the public recipe's facts applied to Fashion-MNIST (1 epoch)", dict(recipe="public"),
+         "--recipe public"),
+        ("3-epochs", "fastnet, label smoothing 0.1, 3 epochs", dict(recipe="speedrun", epochs=3),
+         "--recipe speedrun --epochs 3"),
+        ("speedrun", "4 epochs: the speedrun recipe", dict(recipe="speedrun"), "--recipe speedrun"),
+        ("no-smoothing", "4 epochs without label smoothing", dict(recipe="speedrun", label_smoothing=0.0),
+         "--recipe speedrun --label-smoothing 0"),
+    ],
 }
 
 

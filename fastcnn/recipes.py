@@ -46,7 +46,8 @@ RECIPES: dict[str, dict[str, Recipe]] = {
         # bf16 autocast measured slower than fp32 for fastnet on the 2-core CPU (see README): off there.
         "mnist": Recipe("fastnet", 256, 1e-2, "adam", (0.7, 0.9), "onecycle", 0.1, 1, MNIST_NORM,
                         device_settings={"cpu": dict(amp=False)}),
-        "fashion-mnist": Recipe("fastnet", 256, 1e-2, "adam", (0.7, 0.9), "onecycle", 0.1, 1, FASHION_NORM,
+        # Fashion-MNIST needs 4 epochs of the same network to pass 91% (3 gave 90.7-91.0%, see README).
+        "fashion-mnist": Recipe("fastnet", 256, 1e-2, "adam", (0.7, 0.9), "onecycle", 0.1, 4, FASHION_NORM,
                                 device_settings={"cpu": dict(amp=False)}),
     },
 }
