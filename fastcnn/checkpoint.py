@@ -19,6 +19,7 @@ def atomic_write_bytes(path: pathlib.Path, writer) -> None:
     path = pathlib.Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; results should read like any other file
         with os.fdopen(fd, "wb") as file:
             writer(file)
             file.flush()
@@ -27,6 +28,12 @@ def atomic_write_bytes(path: pathlib.Path, writer) -> None:
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: pathlib.Path, text: str) -> None:
