@@ -248,8 +248,9 @@ def _check_available(chosen: dict, device: str, amp_dtype: str) -> None:
     if chosen["cuda_graph"]:
         if device != "cuda":
             raise NotAvailableError("--cuda-graph needs a CUDA GPU (this run is on the CPU); drop the flag")
-        raise NotAvailableError("--cuda-graph (whole-step CUDA graph capture) is not implemented in this "
-                                "version of fastcnn yet; run without it")
+        if chosen["amp"] and amp_dtype == "float16":
+            raise NotAvailableError("--cuda-graph cannot capture float16 training: its GradScaler checks for "
+                                    "infinities on the host every step; use --amp-dtype bfloat16 or --no-amp")
     if chosen["loader"] == "dali":
         from fastcnn.data.dali_status import dali_status
 

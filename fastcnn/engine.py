@@ -28,9 +28,14 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build_optimizer(name: str, params, lr: float, betas: tuple[float, float] | None = None) -> torch.optim.Optimizer:
+def build_optimizer(name: str, params, lr: float, betas: tuple[float, float] | None = None, *,
+                    capturable_on: torch.device | None = None) -> torch.optim.Optimizer:
+    """Adam or SGD (momentum, Nesterov). ``capturable_on``: a CUDA device whose graphs will run the step: the
+    learning rate becomes a tensor there (schedules update it in place) and Adam keeps its step count there."""
+    if capturable_on is not None:
+        lr = torch.tensor(lr, dtype=torch.float32, device=capturable_on)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=betas or (0.9, 0.999))
+        return torch.optim.Adam(params, lr=lr, betas=betas or (0.9, 0.999), capturable=capturable_on is not None)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=betas[0] if betas else 0.9, nesterov=True)
     raise ValueError(f"unknown optimizer {name!r}")
@@ -106,12 +111,17 @@ class Trainer:
                  amp_dtype: torch.dtype | None = None, channels_last: bool = False, compile: bool = False,
                  compile_mode: str = "default", betas: tuple[float, float] | None = None,
                  label_smoothing: float = 0.0, schedule: str = "constant", total_steps: int = 0,
-                 distributed: bool = False):
+                 distributed: bool = False, cuda_graph: bool = False):
         self.device = device
         self.model = model.to(device)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = build_optimizer(opt, self.model.parameters(), lr, betas)
+        if cuda_graph and device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        self.cuda_graph = cuda_graph
+        self.graphed_step = None  # captured at the first full batch (fastcnn.cuda_graph.GraphedTrainStep)
+        self.optimizer = build_optimizer(opt, self.model.parameters(), lr, betas,
+                                         capturable_on=device if cuda_graph else None)
         self.scheduler = build_schedule(schedule, self.optimizer, lr, total_steps)
         self.label_smoothing = label_smoothing
         self.amp_dtype = amp_dtype
@@ -134,7 +144,25 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step on a batch. Returns (loss, logits) as device tensors, without synchronizing."""
+        """One optimizer step on a batch. Returns (loss, logits) as device tensors, without synchronizing.
+
+        With ``cuda_graph``, the first batch's shape is captured as a CUDA graph and every batch of that shape
+        replays it (the returned tensors are the graph's: valid until the next step); others run eagerly."""
+        if not self.cuda_graph:
+            return self.eager_step(images, labels)
+        if self.graphed_step is None:
+            from fastcnn.cuda_graph import GraphedTrainStep
+
+            self.graphed_step = GraphedTrainStep(self, images, labels)
+        if not self.graphed_step.accepts(images, labels):
+            return self.eager_step(images, labels)
+        result = self.graphed_step.replay(images, labels)
+        if self.scheduler is not None:
+            self.scheduler.step()  # on the host, outside the graph: it overwrites the lr tensor in place
+        return result
+
+    def eager_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step, op by op."""
         with self.autocast():
             logits = self.forward_model(images)
             loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
@@ -235,8 +263,13 @@ class Trainer:
             self.train_step(*batch)
         if eval_batch is not None:
             self.evaluate([eval_batch])
-        self.model.load_state_dict(model_state)
-        self.optimizer.load_state_dict(optimizer_state)  # replaces the state, so warm-up's moments go too
+        self.model.load_state_dict(model_state)  # copies in place: a captured graph keeps its pointers
+        if self.graphed_step is not None:
+            from fastcnn.cuda_graph import restore_optimizer_in_place
+
+            restore_optimizer_in_place(self.optimizer, optimizer_state)
+        else:
+            self.optimizer.load_state_dict(optimizer_state)  # replaces the state, so warm-up's moments go too
         if scaler_state is not None:
             self.scaler.load_state_dict(scaler_state)
         if scheduler_state is not None:

@@ -74,7 +74,8 @@ def features() -> dict[str, tuple[bool, str]]:
     device = torch.device("cuda" if cuda else "cpu")
     found["fused Triton kernel"] = fused_kernel_status(device)
     found["DALI loader"] = dali_status()
-    found["CUDA graphs"] = (False, "needs a CUDA GPU" if not cuda else "not implemented in this version yet")
+    found["CUDA graphs"] = (False, "needs a CUDA GPU") if not cuda else (
+        True, "--cuda-graph (off by default: not yet measured on a GPU)")
     found["AMP bfloat16"] = (True, "CPU autocast") if not cuda else (
         (True, "supported by this GPU") if torch.cuda.is_bf16_supported() else (False, "GPU lacks bf16; float16 used"))
     found["torch.compile"] = (True, "Inductor on " + ("GPU (Triton)" if cuda else "CPU (C++)"))

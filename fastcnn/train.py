@@ -136,7 +136,8 @@ def build_trainer(rc: ResolvedConfig, train_set: ImageDataset, test_set: ImageDa
     trainer = Trainer(model, device=rc.torch_device, opt=rc.opt, lr=rc.lr, amp_dtype=rc.autocast_dtype,
                       channels_last=rc.channels_last, compile=rc.compile, compile_mode=rc.compile_mode,
                       betas=rc.betas, label_smoothing=rc.label_smoothing, schedule=rc.schedule,
-                      total_steps=rc.epochs * len(train_loader), distributed=world_size > 1)
+                      total_steps=rc.epochs * len(train_loader), distributed=world_size > 1,
+                      cuda_graph=rc.cuda_graph)
     return trainer, train_loader, test_loader
 
 
@@ -144,7 +145,7 @@ def warm_up(rc: ResolvedConfig, trainer: Trainer, train_loader, test_loader) -> 
     """Pay one-time costs (compilation, autotuning) before the clock starts; returns their seconds.
     Model, optimizer and RNG are put back as they were, so training itself is unchanged."""
     seconds = 0.0
-    if rc.compile or (rc.kernel != "torch" and rc.device == "cuda"):
+    if rc.compile or rc.cuda_graph or (rc.kernel != "torch" and rc.device == "cuda"):
         seconds = trainer.warm_up(next(iter(train_loader)), next(iter(test_loader)))
     synchronize(rc.torch_device)
     return seconds
@@ -206,6 +207,9 @@ def _run_single(cfg: TrainConfig, stream, datasets) -> dict:
 def _train(cfg: TrainConfig, rc: ResolvedConfig, ctx: DistributedContext, train_set: ImageDataset,
            test_set: ImageDataset, output: pathlib.Path, resume_state: dict | None, started: float, stream) -> dict:
     main = ctx.is_main  # only rank 0 writes files and prints
+    if ctx.enabled and rc.cuda_graph:
+        raise UsageError("--cuda-graph is not supported with several processes yet (DistributedDataParallel's "
+                         "gradient buckets would need a static graph); drop --cuda-graph or --nproc")
     trainer, train_loader, test_loader = build_trainer(rc, train_set, test_set, rank=ctx.rank,
                                                        world_size=ctx.world_size)
     history: list[dict] = []

@@ -1,0 +1,105 @@
+"""Whole-step CUDA graphs: forward, loss, backward and optimizer step captured once, replayed for every batch.
+
+A training step of a small CNN launches dozens of small kernels; on a fast GPU the host's launch overhead, not
+the arithmetic, sets the pace. Replaying one captured graph launches them all at once. What capture needs, and
+how it is met here:
+- static memory: each batch is copied into the graph's own input buffers (DeviceLoader and DALI batches may be
+  memory they reuse), and the outputs (loss, logits) live in the graph's buffers until the next replay;
+- no host synchronization inside the step: the optimizer is built with ``capturable=True`` and a learning rate
+  that is a device tensor, which schedules overwrite in place between replays, so a schedule needs no recapture;
+- one shape: a batch of another shape (the last, smaller batch of an epoch) runs eagerly on the same
+  parameters and optimizer state;
+- warm-up before capture, on a side stream, so that cuDNN/Triton autotuning and torch.compile happen outside the
+  graph; the warm-up's effect on parameters and optimizer state is undone in place (the graph keeps pointers).
+
+The configuration refuses what cannot be captured: float16 with a GradScaler (it checks for infinities on the
+host every step) and DistributedDataParallel (its gradient buckets would need a static graph).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+WARMUP_STEPS = 3
+
+
+class GraphedTrainStep:
+    """The training step of ``trainer`` (a fastcnn.engine.Trainer) captured for batches shaped like the sample."""
+
+    def __init__(self, trainer, images: torch.Tensor, labels: torch.Tensor, warmup_steps: int = WARMUP_STEPS):
+        self.trainer = trainer
+        self.static_images = images.detach().clone(memory_format=torch.preserve_format)
+        self.static_labels = labels.detach().clone()
+        model_state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+        optimizer_state = snapshot_optimizer(trainer.optimizer)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup_steps):
+                trainer.optimizer.zero_grad(set_to_none=True)
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        # Undo the warm-up in place (same tensors), so that capture starts from the caller's state.
+        with torch.no_grad():
+            for key, value in trainer.model.state_dict().items():
+                value.copy_(model_state[key])
+        restore_optimizer_in_place(trainer.optimizer, optimizer_state)
+        trainer.optimizer.zero_grad(set_to_none=True)  # backward inside the graph allocates its own .grad
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_loss, self.static_logits = self._step()
+        torch.cuda.synchronize()
+
+    def _step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        trainer = self.trainer
+        with trainer.autocast():
+            logits = trainer.forward_model(self.static_images)
+            loss = F.cross_entropy(logits, self.static_labels, label_smoothing=trainer.label_smoothing)
+        loss.backward()
+        trainer.optimizer.step()
+        return loss.detach(), logits.detach()
+
+    def accepts(self, images: torch.Tensor, labels: torch.Tensor) -> bool:
+        """Whether this batch fits the captured buffers (same shapes, strides and dtypes)."""
+        ref_x, ref_y = self.static_images, self.static_labels
+        return (images.shape == ref_x.shape and images.stride() == ref_x.stride() and images.dtype == ref_x.dtype
+                and labels.shape == ref_y.shape and labels.dtype == ref_y.dtype)
+
+    def replay(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.static_images.copy_(images)
+        self.static_labels.copy_(labels)
+        self.graph.replay()
+        return self.static_loss, self.static_logits
+
+
+def snapshot_optimizer(optimizer: torch.optim.Optimizer) -> dict:
+    """A deep copy of ``optimizer.state_dict()`` (for ``restore_optimizer_in_place``)."""
+    state = optimizer.state_dict()
+    return {"state": {k: {n: (v.detach().clone() if torch.is_tensor(v) else v) for n, v in s.items()}
+                      for k, s in state["state"].items()},
+            "param_groups": [dict(group) for group in state["param_groups"]]}
+
+
+def restore_optimizer_in_place(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Put an optimizer back to ``saved`` (a state_dict) without replacing its tensors, which a captured graph
+    reads and writes. State created since ``saved`` is zeroed: that is a fresh optimizer's state."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    with torch.no_grad():
+        for index, param in enumerate(params):
+            before = saved["state"].get(index, {})
+            for key, value in optimizer.state.get(param, {}).items():
+                if not torch.is_tensor(value):
+                    continue
+                if key in before:
+                    value.copy_(before[key])
+                else:
+                    value.zero_()
+        for group, saved_group in zip(optimizer.param_groups, saved["param_groups"], strict=True):
+            for key, value in saved_group.items():
+                if key == "params":
+                    continue
+                if torch.is_tensor(group.get(key)):
+                    group[key].copy_(value if torch.is_tensor(value) else torch.tensor(value))
+                else:
+                    group[key] = value

@@ -1,0 +1,90 @@
+"""Whole-step CUDA graphs. The capture tests need CUDA (they skip without it); the in-place optimizer
+restore that capture relies on is tested everywhere."""
+
+import copy
+
+import pytest
+import torch
+
+from fastcnn.data import DeviceLoader, synthetic_dataset
+from fastcnn.engine import Trainer
+from fastcnn.models import build_model
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_optimizer_restore_keeps_tensors_and_values():
+    from fastcnn.cuda_graph import restore_optimizer_in_place, snapshot_optimizer
+    from fastcnn.engine import build_optimizer, build_schedule
+
+    model = torch.nn.Linear(4, 3)
+    optimizer = build_optimizer("adam", model.parameters(), 1e-2, (0.7, 0.9))
+    schedule = build_schedule("onecycle", optimizer, 1e-2, 10)
+    fresh = snapshot_optimizer(optimizer)
+    lr_before = optimizer.param_groups[0]["lr"]
+
+    def step():
+        optimizer.zero_grad()
+        model(torch.randn(5, 4)).square().mean().backward()
+        optimizer.step()
+        schedule.step()
+
+    step()
+    after_one = snapshot_optimizer(optimizer)
+    tensors = {id(v) for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)}
+    step()
+    step()
+    restore_optimizer_in_place(optimizer, after_one)
+    for index, param in enumerate(model.parameters()):
+        for key, value in optimizer.state[param].items():
+            assert torch.equal(value, after_one["state"][index][key])
+    assert tensors == {id(v) for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)}
+    restore_optimizer_in_place(optimizer, fresh)  # state made since the snapshot goes back to zeros
+    assert all(float(v.abs().sum()) == 0 for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+    assert optimizer.param_groups[0]["lr"] == lr_before
+
+
+def test_cuda_graph_is_refused_where_it_cannot_run():
+    from fastcnn.config import TrainConfig, resolve
+    from fastcnn.errors import NotAvailableError
+
+    with pytest.raises(ValueError, match="CUDA"):
+        Trainer(torch.nn.Linear(2, 2), device=torch.device("cpu"), cuda_graph=True)
+    with pytest.raises(NotAvailableError, match="CUDA GPU"):
+        resolve(TrainConfig(device="cpu", cuda_graph=True))
+
+
+def _trainers(**options):
+    torch.manual_seed(0)
+    model = build_model("simplecnn", kernel="torch")
+    device = torch.device("cuda")
+    eager = Trainer(copy.deepcopy(model), device=device, **options)
+    graphed = Trainer(copy.deepcopy(model), device=device, cuda_graph=True, **options)
+    return eager, graphed
+
+
+@pytest.mark.parametrize("schedule", ["constant", "onecycle"])
+@pytest.mark.gpu
+@requires_cuda
+def test_graph_replayed_steps_give_the_same_parameters_as_eager_steps(schedule):
+    torch.backends.cudnn.deterministic = True
+    eager, graphed = _trainers(opt="adam", lr=1e-3, schedule=schedule, total_steps=8)
+    loader = DeviceLoader(synthetic_dataset(8 * 32 + 7), 32, device="cuda", mean=0.13, std=0.31)
+    for images, labels in loader:  # 8 full batches, then a partial one (eager fallback)
+        loss_e, _ = eager.train_step(images, labels)
+        loss_g, _ = graphed.train_step(images, labels)
+        torch.testing.assert_close(loss_g, loss_e, rtol=1e-5, atol=1e-6)
+    for (name, p_e), p_g in zip(eager.model.named_parameters(), graphed.model.parameters(), strict=True):
+        torch.testing.assert_close(p_g, p_e, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_graph_with_compile_and_fused_kernel_and_bf16_trains():
+    torch.manual_seed(0)
+    trainer = Trainer(build_model("simplecnn", kernel="triton"), device=torch.device("cuda"), compile=True,
+                      amp_dtype=torch.bfloat16, channels_last=True, cuda_graph=True)
+    loader = DeviceLoader(synthetic_dataset(2048), 64, device="cuda", mean=0.13, std=0.31, channels_last=True,
+                          dtype=torch.bfloat16)
+    losses = [float(trainer.train_step(x, y)[0]) for x, y in loader]
+    assert losses[-1] < losses[0]
