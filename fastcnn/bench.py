@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import itertools
-import json
 import pathlib
 import statistics
 import sys
@@ -24,7 +23,7 @@ from fastcnn import env
 from fastcnn.config import ResolvedConfig, TrainConfig, resolve
 from fastcnn.engine import synchronize
 from fastcnn.errors import FastcnnError, UsageError
-from fastcnn.report import atomic_write_bytes, format_table, write_json
+from fastcnn.report import atomic_write_bytes, format_table, refuse_existing, write_results
 from fastcnn.train import build_trainer, load_splits, warm_up
 
 
@@ -251,20 +250,9 @@ def run_bench_command(args, base: TrainConfig) -> dict | None:
         print(f"\n--ablation runs: {', '.join(ABLATION)}")
         return None
     configs = parse_configs(",".join(ABLATION) if args.ablation else args.configs)
-    for path in (args.json, args.plot):  # refuse before measuring, not after
-        if path and pathlib.Path(path).exists() and not args.overwrite:
-            raise UsageError(f"{path} already exists; pass --overwrite or another path")
+    refuse_existing((args.json, args.plot), args.overwrite)
     base = dataclasses.replace(base, progress=False, dataset=base.dataset or "synthetic")
     doc = run_bench(base, configs, steps=args.steps, warmup=args.warmup, repeats=args.repeats, epoch=args.epoch)
     print(format_results(doc))
-    if args.json:
-        write_json(pathlib.Path(args.json), doc)
-        print(f"\nresults written to {args.json}")
-    if args.plot:
-        plot_results(pathlib.Path(args.plot), doc)
-        print(f"chart written to {args.plot}")
+    write_results(doc, args.json, args.plot, plot_results)
     return doc
-
-
-def load_results(path: str | pathlib.Path) -> dict:
-    return json.loads(pathlib.Path(path).read_text())

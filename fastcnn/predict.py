@@ -163,6 +163,13 @@ def predict_pixels(model: torch.nn.Module, pixels: torch.Tensor, *, mean, std,
     return torch.softmax(model(images).float(), dim=1).cpu()
 
 
+def resize_like_imagefolder(image) -> np.ndarray:
+    """uint8 (28, 28): what ``--dataset imagefolder`` makes of an image (grayscale, linear resize)."""
+    from PIL import Image
+
+    return np.asarray(image.convert("L").resize((28, 28), Image.BILINEAR), dtype=np.uint8)
+
+
 def predict_files(checkpoint: str | pathlib.Path, paths: list[str], *, top: int = 1, invert: str = "auto",
                   device: str = "auto", kernel: str | None = None) -> list[dict]:
     """Classify image files with the model in ``checkpoint``. Every file is read before any prediction, so a bad
@@ -188,7 +195,11 @@ def predict_files(checkpoint: str | pathlib.Path, paths: list[str], *, top: int 
     except KeyError as err:
         raise FastcnnError(f"checkpoint {checkpoint} has an incomplete configuration (no {err})") from None
 
-    prepared = [preprocess(open_image(path), invert=invert) for path in paths]
+    if loaded.config.get("dataset") == "imagefolder":
+        # Trained on an image folder: those images were only decoded to grayscale and resized to 28x28.
+        prepared = [(resize_like_imagefolder(open_image(path)), False) for path in paths]
+    else:
+        prepared = [preprocess(open_image(path), invert=invert) for path in paths]
     if not prepared:
         return []
     pixels = torch.from_numpy(np.stack([pixels for pixels, _ in prepared]))[:, None]
@@ -218,7 +229,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "predict", help="classify PNG/JPEG images with a trained run",
         description="Classify image files with a checkpoint. Each image is converted the way MNIST was made: "
         "grayscale, bright object on dark background, fitted into a 20x20 box and centered by center of mass "
-        "in 28x28, then normalized with the run's mean/std. Prints one line per image.")
+        "in 28x28, then normalized with the run's mean/std (a run trained on --dataset imagefolder: grayscale and "
+        "resized to 28x28, as its training images were). Prints one line per image.")
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint.pt written by `fastcnn train`")
     p.add_argument("images", metavar="IMAGE", nargs="+", help="PNG or JPEG files (any size, any mode)")
     p.add_argument("--top", type=int, metavar="K", help="also show the K most probable classes")

@@ -17,7 +17,7 @@ import tempfile
 from fastcnn import env
 from fastcnn.config import TrainConfig, resolve
 from fastcnn.errors import UsageError
-from fastcnn.report import atomic_write_bytes, format_table, write_json
+from fastcnn.report import atomic_write_bytes, format_table, refuse_existing, write_results
 from fastcnn.train import load_splits, run_training
 
 CONTENDERS = ("public", "speedrun")
@@ -121,15 +121,8 @@ def plot_race(path: pathlib.Path, doc: dict) -> None:
 
 
 def run_race_command(args, base: TrainConfig) -> dict:
-    for path in (args.json, args.plot):
-        if path and pathlib.Path(path).exists() and not args.overwrite:
-            raise UsageError(f"{path} already exists; pass --overwrite or another path")
+    refuse_existing((args.json, args.plot), args.overwrite)
     doc = run_race(dataclasses.replace(base, dataset=base.dataset or "mnist"), runs=args.runs)
     print(format_race(doc))
-    if args.json:
-        write_json(pathlib.Path(args.json), doc)
-        print(f"\nresults written to {args.json}")
-    if args.plot:
-        plot_race(pathlib.Path(args.plot), doc)
-        print(f"chart written to {args.plot}")
+    write_results(doc, args.json, args.plot, plot_race)
     return doc

@@ -10,6 +10,25 @@ from fastcnn.checkpoint import atomic_write_bytes, atomic_write_text
 METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds", "images_per_second")
 
 
+def refuse_existing(paths, overwrite: bool) -> None:
+    """Results are never overwritten silently: refuse before any measuring, not after."""
+    from fastcnn.errors import UsageError
+
+    for path in paths:
+        if path and pathlib.Path(path).exists() and not overwrite:
+            raise UsageError(f"{path} already exists; pass --overwrite or another path")
+
+
+def write_results(doc: dict, json_path: str | None, plot_path: str | None, plot) -> None:
+    """Write a benchmark document as JSON and its chart (``plot(path, doc)``) where asked, and say where."""
+    if json_path:
+        write_json(pathlib.Path(json_path), doc)
+        print(f"\nresults written to {json_path}")
+    if plot_path:
+        plot(pathlib.Path(plot_path), doc)
+        print(f"chart written to {plot_path}")
+
+
 def write_metrics(path: pathlib.Path, history: list[dict]) -> None:
     """Rewrite metrics.jsonl from the whole history (atomic, so a resumed run never holds stale lines)."""
     atomic_write_text(path, "".join(json.dumps({k: row[k] for k in METRIC_FIELDS}) + "\n" for row in history))
