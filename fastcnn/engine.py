@@ -246,11 +246,13 @@ class Trainer:
         samples = max(samples, 1)
         return float(loss_sum) / samples, 100.0 * int(correct) / samples
 
-    def warm_up(self, batch: tuple[torch.Tensor, torch.Tensor], eval_batch, steps: int = 3) -> float:
-        """Run ``steps`` training steps and one evaluation, then put model and optimizer back as they were.
+    def warm_up(self, batches: list[tuple[torch.Tensor, torch.Tensor]], eval_batches: list, steps: int = 3) -> float:
+        """Run ``steps`` training steps on each of ``batches`` and evaluate ``eval_batches``, then put model and
+        optimizer back as they were.
 
-        This pays one-time costs (torch.compile, autotuning, cuDNN algorithm search) outside the timed epochs.
-        Returns the seconds it took.
+        This pays one-time costs (torch.compile, autotuning, cuDNN algorithm search, CUDA graph capture) outside
+        the timed epochs; give one batch of each shape an epoch will see (the last one may be smaller), so that
+        no recompilation happens on the clock. Returns the seconds it took.
         """
         synchronize(self.device)
         started = time.perf_counter()
@@ -259,10 +261,11 @@ class Trainer:
         scaler_state = copy.deepcopy(self.scaler.state_dict()) if self.scaler is not None else None
         scheduler_state = copy.deepcopy(self.scheduler.state_dict()) if self.scheduler is not None else None
         rng_state = torch.get_rng_state()
-        for _ in range(steps):
-            self.train_step(*batch)
-        if eval_batch is not None:
-            self.evaluate([eval_batch])
+        for batch in batches:
+            for _ in range(steps):
+                self.train_step(*batch)
+        if eval_batches:
+            self.evaluate(eval_batches)
         self.model.load_state_dict(model_state)  # copies in place: a captured graph keeps its pointers
         if self.graphed_step is not None:
             from fastcnn.cuda_graph import restore_optimizer_in_place

@@ -146,9 +146,19 @@ def warm_up(rc: ResolvedConfig, trainer: Trainer, train_loader, test_loader) -> 
     Model, optimizer and RNG are put back as they were, so training itself is unchanged."""
     seconds = 0.0
     if rc.compile or rc.cuda_graph or (rc.kernel != "torch" and rc.device == "cuda"):
-        seconds = trainer.warm_up(next(iter(train_loader)), next(iter(test_loader)))
+        seconds = trainer.warm_up(batch_shapes(train_loader), batch_shapes(test_loader))
     synchronize(rc.torch_device)
     return seconds
+
+
+def batch_shapes(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A batch of every size an epoch of ``loader`` serves: a full one and, when the last is smaller, one of that
+    size (cut from the first), so that warm-up compiles for both."""
+    images, labels = next(iter(loader))
+    remainder = 0 if getattr(loader, "drop_last", False) else loader.num_samples % loader.batch_size
+    if remainder and remainder < images.shape[0]:
+        return [(images, labels), (images[:remainder], labels[:remainder])]
+    return [(images, labels)]
 
 
 def default_output_dir(model: str) -> pathlib.Path:
