@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.nproc != 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
                 from fastcnn.distributed import launch, strip_nproc
 
-                return launch(args.nproc, strip_nproc(list(sys.argv[1:] if argv is None else argv)))
+                return launch(args.nproc, strip_nproc(list(sys.argv[1:] if argv is None else argv)),
+                              train_config(args))
             run_training(train_config(args))
         elif args.command == "bench":
             if args.race:

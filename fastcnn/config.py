@@ -217,7 +217,7 @@ def resolve(cfg: TrainConfig) -> ResolvedConfig:
     _require(not cfg.flip or cfg.augment, "--flip is a kind of augmentation: add --augment")
     _require(not cfg.augment or chosen["loader"] == "dali",
              "--augment is done by the DALI loader on the device: add --loader dali")
-    _check_available(chosen, device, amp_dtype)
+    _check_available(chosen, device, amp_dtype, opt, compile_mode)
     return ResolvedConfig(
         model=spec.name, dataset=dataset, data_dir=cfg.data_dir, download=cfg.download, epochs=epochs,
         batch_size=batch_size, lr=lr, opt=opt, seed=cfg.seed, device=device, preset=preset,
@@ -243,7 +243,7 @@ def apply_recipe(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, **{k: v for k, v in chosen.items() if getattr(cfg, k) is None})
 
 
-def _check_available(chosen: dict, device: str, amp_dtype: str) -> None:
+def _check_available(chosen: dict, device: str, amp_dtype: str, opt: str, compile_mode: str) -> None:
     """Fail with a clear message, before any work, for options this build or this machine cannot run."""
     if chosen["cuda_graph"]:
         if device != "cuda":
@@ -251,6 +251,12 @@ def _check_available(chosen: dict, device: str, amp_dtype: str) -> None:
         if chosen["amp"] and amp_dtype == "float16":
             raise NotAvailableError("--cuda-graph cannot capture float16 training: its GradScaler checks for "
                                     "infinities on the host every step; use --amp-dtype bfloat16 or --no-amp")
+        if opt == "sgd":
+            raise NotAvailableError("--cuda-graph needs --opt adam: SGD with a tensor learning rate reads it on "
+                                    "the host every step")
+        if chosen["compile"] and compile_mode not in ("default", "max-autotune-no-cudagraphs"):
+            raise NotAvailableError(f"--compile-mode {compile_mode} makes CUDA graphs of its own; with --cuda-graph "
+                                    "use --compile-mode default or max-autotune-no-cudagraphs")
     if chosen["loader"] == "dali":
         from fastcnn.data.dali_status import dali_status
 

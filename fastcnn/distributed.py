@@ -9,7 +9,6 @@ runs that torchrun command for you.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -89,14 +88,29 @@ def per_rank_batch_size(global_batch: int, world_size: int) -> int:
     return global_batch // world_size
 
 
-def launch(nproc: int, argv: list[str]) -> int:
-    """Run ``fastcnn <argv>`` under torchrun with ``nproc`` processes on this machine; return its exit code."""
+def launch(nproc: int, argv: list[str], cfg) -> int:
+    """Run ``fastcnn <argv>`` under torchrun with ``nproc`` processes on this machine.
+
+    Everything that can be checked once (arguments, dataset, output folder, GPU count) is checked here first, so
+    that a mistake is one line rather than one per process. Then this process becomes torchrun (exec), so that
+    Ctrl-C and SIGTERM reach torchrun, which stops the workers, and its exit status is the command's.
+    """
+    from fastcnn.train import preflight
+
     if nproc < 1:
         raise UsageError(f"--nproc must be at least 1, got {nproc}")
+    if cfg.runs > 1:
+        raise UsageError("--runs and --nproc do not combine; run the data-parallel runs one by one")
+    rc = preflight(cfg)
+    if rc.device == "cuda" and nproc > torch.cuda.device_count():
+        raise UsageError(f"--nproc {nproc} needs {nproc} GPUs but {torch.cuda.device_count()} are visible; one "
+                         "process per GPU")
+    per_rank_batch_size(rc.batch_size, nproc)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "fastcnn", *argv]
-    print("fastcnn: running " + " ".join(command[1:]), file=sys.stderr)
-    return subprocess.call(command)
+    print("fastcnn: running " + " ".join(command[1:]), file=sys.stderr, flush=True)
+    os.execv(sys.executable, command)
+    return 1  # not reached
 
 
 def strip_nproc(argv: list[str]) -> list[str]:

@@ -131,7 +131,8 @@ class Trainer:
         if distributed:
             from torch.nn.parallel import DistributedDataParallel
 
-            train_model = DistributedDataParallel(self.model, device_ids=[device.index or 0]
+            # "cuda" means this rank's GPU (set by DistributedContext): name it, or DDP would use cuda:0.
+            train_model = DistributedDataParallel(self.model, device_ids=[torch.cuda.current_device()]
                                                   if device.type == "cuda" else None)
         self.forward_model = torch.compile(train_model, mode=compile_mode) if compile else train_model
         # Evaluation runs on the plain module: no gradient buckets to sync, same weights on every rank.
@@ -202,9 +203,7 @@ class Trainer:
                 bar.update(1)
                 if progress.batches % PROGRESS_REFRESH_STEPS == 0:
                     self._refresh_bar(bar, loss, progress, clock_base + time.perf_counter() - started)
-            if on_batch is not None:
-                progress.seconds = clock_base + time.perf_counter() - started
-                on_batch(progress)
+            # Evaluate before on_batch (which may stop the run), so a stop never skips a due evaluation.
             if eval_every and on_eval is not None and progress.batches % eval_every == 0 and \
                     progress.batches < len(loader):
                 synchronize(self.device)
@@ -214,6 +213,9 @@ class Trainer:
                 self.model.train()
                 synchronize(self.device)
                 started += time.perf_counter() - paused  # the evaluation's time is not training time
+            if on_batch is not None:
+                progress.seconds = clock_base + time.perf_counter() - started
+                on_batch(progress)
         synchronize(self.device)
         progress.seconds = clock_base + time.perf_counter() - started
         stats = progress.finish()
@@ -259,13 +261,14 @@ class Trainer:
         model_state = copy.deepcopy(self.model.state_dict())
         optimizer_state = copy.deepcopy(self.optimizer.state_dict())
         scaler_state = copy.deepcopy(self.scaler.state_dict()) if self.scaler is not None else None
-        scheduler_state = copy.deepcopy(self.scheduler.state_dict()) if self.scheduler is not None else None
         rng_state = torch.get_rng_state()
+        scheduler, self.scheduler = self.scheduler, None  # warm-up steps are not steps of the schedule
         for batch in batches:
             for _ in range(steps):
                 self.train_step(*batch)
         if eval_batches:
             self.evaluate(eval_batches)
+        self.scheduler = scheduler
         self.model.load_state_dict(model_state)  # copies in place: a captured graph keeps its pointers
         if self.graphed_step is not None:
             from fastcnn.cuda_graph import restore_optimizer_in_place
@@ -275,8 +278,6 @@ class Trainer:
             self.optimizer.load_state_dict(optimizer_state)  # replaces the state, so warm-up's moments go too
         if scaler_state is not None:
             self.scaler.load_state_dict(scaler_state)
-        if scheduler_state is not None:
-            self.scheduler.load_state_dict(scheduler_state)
         torch.set_rng_state(rng_state)
         synchronize(self.device)
         return time.perf_counter() - started

@@ -17,6 +17,8 @@ def refuse_existing(paths, overwrite: bool) -> None:
     for path in paths:
         if path and pathlib.Path(path).exists() and not overwrite:
             raise UsageError(f"{path} already exists; pass --overwrite or another path")
+        if path and not pathlib.Path(path).resolve().parent.is_dir():
+            raise UsageError(f"the folder of {path} does not exist; create it or choose another path")
 
 
 def write_results(doc: dict, json_path: str | None, plot_path: str | None, plot) -> None:

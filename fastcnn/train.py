@@ -193,8 +193,16 @@ def run_training(cfg: TrainConfig, *, stream=None, datasets=None) -> dict:
         return _run_single(cfg, stream, datasets)
 
 
-def _run_single(cfg: TrainConfig, stream, datasets) -> dict:
-    started = time.perf_counter()
+def preflight(cfg: TrainConfig) -> ResolvedConfig:
+    """Every check of a run that can fail before training (arguments, checkpoint, dataset, output folder), for a
+    launcher that starts several processes: it fails once, in one line, instead of once per process."""
+    if not cfg.output and not cfg.resume:
+        raise UsageError("with several processes, give --output so that every rank agrees on the run folder")
+    rc, _, _ = _prepare(cfg, None)
+    return rc
+
+
+def _prepare(cfg: TrainConfig, datasets):
     resume_state = None
     if cfg.resume:
         resume_state = load_checkpoint(cfg.resume, model_name=cfg.model)
@@ -205,6 +213,12 @@ def _run_single(cfg: TrainConfig, stream, datasets) -> dict:
     output = pathlib.Path(cfg.output) if cfg.output else (
         pathlib.Path(cfg.resume).parent if cfg.resume else default_output_dir(rc.model))
     check_output_dir(output, overwrite=cfg.overwrite, resume=pathlib.Path(cfg.resume) if cfg.resume else None)
+    return rc, (train_set, test_set, output), resume_state
+
+
+def _run_single(cfg: TrainConfig, stream, datasets) -> dict:
+    started = time.perf_counter()
+    rc, (train_set, test_set, output), resume_state = _prepare(cfg, datasets)
     ctx = DistributedContext.from_env(rc.torch_device.type)
     if ctx.enabled and not cfg.output and not cfg.resume:
         raise UsageError("with several processes, give --output so that every rank agrees on the run folder")
@@ -224,18 +238,28 @@ def _train(cfg: TrainConfig, rc: ResolvedConfig, ctx: DistributedContext, train_
                                                        world_size=ctx.world_size)
     history: list[dict] = []
     evals: list[dict] = []  # every test evaluation: when (training seconds) and how good
-    start_epoch, start_batch, partial, train_seconds = 0, 0, None, 0.0
+    start_epoch, start_batch, partial, train_seconds, previous_eval_seconds = 0, 0, None, 0.0, 0.0
     if resume_state is not None:
         trainer.model.load_state_dict(resume_state["model"])
         trainer.optimizer.load_state_dict(resume_state["optimizer"])
         if trainer.scaler is not None and resume_state.get("scaler"):
             trainer.scaler.load_state_dict(resume_state["scaler"])
+        if trainer.cuda_graph:  # the checkpoint's lr tensor was loaded on the CPU: a graph needs it on the GPU
+            for group in trainer.optimizer.param_groups:
+                group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=rc.torch_device)
         if trainer.scheduler is not None and resume_state.get("scheduler"):
+            saved_steps = resume_state["scheduler"].get("total_steps")
+            steps = rc.epochs * len(train_loader)
+            if saved_steps is not None and saved_steps != steps:
+                raise UsageError(f"checkpoint {cfg.resume} follows a {rc.schedule} schedule over {saved_steps} steps; "
+                                 f"this resume would need {steps} (another --epochs or dataset); a schedule cannot "
+                                 "be stretched mid-run: resume with the same --epochs and data")
             trainer.scheduler.load_state_dict(resume_state["scheduler"])
         evals = list(resume_state.get("evals", []))
         history = list(resume_state["history"])
         start_epoch, start_batch = resume_state["epoch"], resume_state["batch"]
         train_seconds = resume_state["train_seconds"]
+        previous_eval_seconds = resume_state.get("eval_seconds", 0.0)
         if resume_state.get("partial"):
             partial = EpochProgress.from_dict(resume_state["partial"], rc.torch_device)
         restore_rng(resume_state["rng"])
@@ -250,7 +274,7 @@ def _train(cfg: TrainConfig, rc: ResolvedConfig, ctx: DistributedContext, train_
             for name in RUN_FILES:
                 (output / name).unlink(missing_ok=True)
     checkpoint_path = output / "checkpoint.pt"
-    eval_seconds = 0.0
+    eval_seconds = previous_eval_seconds
 
     def evaluate(epoch: int, batches: int, seconds_in_epoch: float) -> tuple[float, float]:
         nonlocal eval_seconds
@@ -267,7 +291,8 @@ def _train(cfg: TrainConfig, rc: ResolvedConfig, ctx: DistributedContext, train_
                     scheduler=trainer.scheduler.state_dict() if trainer.scheduler is not None else None,
                     evals=evals, epoch=epoch,
                     batch=batch, partial=progress.to_dict() if progress is not None else None,
-                    history=history, train_seconds=train_seconds, config=config_dict(rc), rng=capture_rng(),
+                    history=history, train_seconds=train_seconds, eval_seconds=eval_seconds, config=config_dict(rc),
+                    rng=capture_rng(),
                     classes=list(train_set.classes), image_shape=list(train_set.image_shape))
 
     try:
@@ -285,6 +310,9 @@ def _train(cfg: TrainConfig, rc: ResolvedConfig, ctx: DistributedContext, train_
                 except Interrupted:
                     bar.close()
                     if main:
+                        if ctx.enabled:  # rank 0's sums cover its shard only: the resumed epoch restarts them
+                            progress = EpochProgress(progress.loss_sum * 0, progress.correct * 0, 0,
+                                                     progress.seconds, progress.batches)
                         save_checkpoint(checkpoint_path, checkpoint_state(epoch, progress.batches, progress))
                     raise
                 bar.close()
@@ -297,7 +325,8 @@ def _train(cfg: TrainConfig, rc: ResolvedConfig, ctx: DistributedContext, train_
                 if main:
                     write_metrics(output / "metrics.jsonl", history)
                     save_checkpoint(checkpoint_path, checkpoint_state(epoch + 1, 0, None))
-                stop.check()
+                if epoch + 1 < rc.epochs:  # after the last epoch, finish the run: summary and curves
+                    stop.check()
     except Interrupted as stop_request:
         if not main:
             raise
@@ -355,6 +384,8 @@ def run_repeated(cfg: TrainConfig, *, stream=None) -> dict:
     stream = stream or sys.stdout
     if cfg.resume:
         raise UsageError("--resume continues one run; it cannot be combined with --runs")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("--runs and several processes do not combine; run the data-parallel runs one by one")
     rc = resolve(dataclasses.replace(cfg, runs=1))
     output = pathlib.Path(cfg.output) if cfg.output else default_output_dir(rc.model)
     check_output_dir(output, overwrite=cfg.overwrite, resume=None)

@@ -249,3 +249,43 @@ def test_debug_shows_the_traceback(tmp_path):
         main(["train", "--data-dir", str(tmp_path / "none"), "--no-download", "--debug", "--no-progress"])
 
 
+
+
+def test_resume_cannot_stretch_a_onecycle_schedule(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--sched", "onecycle", "--output", str(out)]) == 0
+    capsys.readouterr()
+    code, err = run(["train", "--resume", str(out / "checkpoint.pt"), "--epochs", "2", "--no-progress"], capsys)
+    assert code == 2
+    assert_one_line_error(err, "onecycle", "same --epochs")
+
+
+def test_warm_up_does_not_step_the_schedule():
+    from fastcnn.models import build_model
+
+    trainer = Trainer(build_model("simplecnn"), device=torch.device("cpu"), schedule="onecycle", total_steps=2)
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(10, (4,))
+    lr_before = trainer.optimizer.param_groups[0]["lr"]
+    trainer.warm_up([(x, y), (x[:2], y[:2])], [(x, y)])  # 6 optimizer steps, more than the schedule's 2
+    assert trainer.scheduler.last_epoch == 0 and trainer.optimizer.param_groups[0]["lr"] == lr_before
+    trainer.train_step(x, y)
+    trainer.train_step(x, y)
+
+
+def test_results_into_a_missing_folder_are_refused_before_measuring(tmp_path, capsys):
+    code, err = run(["bench", "--json", str(tmp_path / "missing" / "b.json")], capsys)
+    assert code == 2
+    assert_one_line_error(err, "does not exist")
+
+
+def test_nproc_checks_arguments_once_before_starting_processes(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "fastcnn", "train", "--nproc", "2", *SMALL, "--epochs", "0",
+                             "--output", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "--epochs" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "fastcnn", "train", "--nproc", "2", *SMALL, "--runs", "2",
+                             "--output", str(tmp_path / "y")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--runs" in result.stderr
