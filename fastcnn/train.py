@@ -196,13 +196,13 @@ def run_training(cfg: TrainConfig, *, stream=None, datasets=None) -> dict:
 def preflight(cfg: TrainConfig) -> ResolvedConfig:
     """Every check of a run that can fail before training (arguments, checkpoint, dataset, output folder), for a
     launcher that starts several processes: it fails once, in one line, instead of once per process."""
-    if not cfg.output and not cfg.resume:
-        raise UsageError("with several processes, give --output so that every rank agrees on the run folder")
-    rc, _, _ = _prepare(cfg, None)
+    rc, _, _ = _prepare(cfg, None, several_processes=True)
     return rc
 
 
-def _prepare(cfg: TrainConfig, datasets):
+def _prepare(cfg: TrainConfig, datasets, *, several_processes: bool):
+    if several_processes and not cfg.output and not cfg.resume:
+        raise UsageError("with several processes, give --output so that every rank agrees on the run folder")
     resume_state = None
     if cfg.resume:
         resume_state = load_checkpoint(cfg.resume, model_name=cfg.model)
@@ -218,10 +218,9 @@ def _prepare(cfg: TrainConfig, datasets):
 
 def _run_single(cfg: TrainConfig, stream, datasets) -> dict:
     started = time.perf_counter()
-    rc, (train_set, test_set, output), resume_state = _prepare(cfg, datasets)
+    rc, (train_set, test_set, output), resume_state = _prepare(
+        cfg, datasets, several_processes=int(os.environ.get("WORLD_SIZE", "1")) > 1)
     ctx = DistributedContext.from_env(rc.torch_device.type)
-    if ctx.enabled and not cfg.output and not cfg.resume:
-        raise UsageError("with several processes, give --output so that every rank agrees on the run folder")
     try:
         return _train(cfg, rc, ctx, train_set, test_set, output, resume_state, started, stream)
     finally:

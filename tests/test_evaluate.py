@@ -2,32 +2,21 @@
 per-class accuracies and the confusion matrix agree with them and with the data."""
 
 import json
-import sys
 
 import pytest
 import torch
 
 from fastcnn import evaluate
-from fastcnn.cli import OneLineParser, main
+from fastcnn.cli import main
 from fastcnn.data import load_dataset
-from fastcnn.errors import FastcnnError
 
 SYNTHETIC = ["--dataset", "synthetic", "--synthetic-size", "640,128", "--no-progress"]
 
 
 def run_eval(argv, capsys):
-    """``fastcnn eval ARGV`` as cli.main runs a subcommand: (exit code, stdout, stderr)."""
-    parser = OneLineParser(prog="fastcnn")
-    evaluate.add_parser(parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser))
+    """``fastcnn eval ARGV`` through the real CLI: (exit code, stdout, stderr)."""
     capsys.readouterr()
-    try:
-        args = parser.parse_args(["eval", *argv])
-        code = evaluate.run_command(args)
-    except SystemExit as done:
-        code = done.code
-    except FastcnnError as err:
-        print(f"fastcnn: error: {err}", file=sys.stderr)
-        code = err.exit_code
+    code = main(["eval", *argv])
     out = capsys.readouterr()
     return code, out.out, out.err.strip()
 

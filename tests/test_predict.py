@@ -2,7 +2,6 @@
 on MNIST classifies them; bad files fail with one line naming them."""
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -10,23 +9,14 @@ import torch
 from PIL import Image
 
 from fastcnn import predict
-from fastcnn.cli import OneLineParser, main
+from fastcnn.cli import main
 from fastcnn.data import load_dataset
-from fastcnn.errors import FastcnnError
 
 
 def run_predict(argv, capsys):
-    """``fastcnn predict ARGV`` as cli.main runs a subcommand: (exit code, stdout, stderr)."""
-    parser = OneLineParser(prog="fastcnn")
-    predict.add_parser(parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser))
+    """``fastcnn predict ARGV`` through the real CLI: (exit code, stdout, stderr)."""
     capsys.readouterr()
-    try:
-        code = predict.run_command(parser.parse_args(["predict", *argv]))
-    except SystemExit as done:
-        code = done.code
-    except FastcnnError as err:
-        print(f"fastcnn: error: {err}", file=sys.stderr)
-        code = err.exit_code
+    code = main(["predict", *argv])
     out = capsys.readouterr()
     return code, out.out, out.err.strip()
 

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
 from fastcnn.data.datasets import ImageDataset, batches_per_epoch
+from fastcnn.data.device_loader import as_channel_tensor
 from fastcnn.data.sampling import check_sharding, epoch_permutation, shard
 
 
@@ -62,8 +63,8 @@ class TorchLoader:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         check_sharding(rank, world_size)
         channels = dataset.images.shape[1]
-        mean = [float(mean)] * channels if isinstance(mean, (int, float)) else list(mean)
-        std = [float(std)] * channels if isinstance(std, (int, float)) else list(std)
+        mean = as_channel_tensor(mean, channels, "cpu").flatten().tolist()
+        std = as_channel_tensor(std, channels, "cpu").flatten().tolist()
         steps = [transforms.ToTensor()]
         if any(m != 0.0 for m in mean) or any(s != 1.0 for s in std):
             steps.append(transforms.Normalize(mean, std))
