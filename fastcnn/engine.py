@@ -119,6 +119,8 @@ class Trainer:
         if cuda_graph and device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.cuda_graph = cuda_graph
+        self.compile = compile
+        self.kernel_timings = []  # fastcnn.kernel_choice.KernelTiming per measured call, filled by warm_up
         self.graphed_step = None  # captured at the first full batch (fastcnn.cuda_graph.GraphedTrainStep)
         self.optimizer = build_optimizer(opt, self.model.parameters(), lr, betas,
                                          capturable_on=device if cuda_graph else None)
@@ -255,9 +257,19 @@ class Trainer:
         This pays one-time costs (torch.compile, autotuning, cuDNN algorithm search, CUDA graph capture) outside
         the timed epochs; give one batch of each shape an epoch will see (the last one may be smaller), so that
         no recompilation happens on the clock. Returns the seconds it took.
+
+        First, ``kernel="auto"`` layers get the faster implementation for each of these batch shapes, measured
+        here (``fastcnn.choose_kernels``), except under ``--deterministic``: a choice by timing could differ
+        between two runs, and so could their rounding; those runs keep auto's default.
         """
         synchronize(self.device)
         started = time.perf_counter()
+        if not torch.are_deterministic_algorithms_enabled():
+            from fastcnn.kernel_choice import choose_kernels
+
+            self.kernel_timings = choose_kernels(self.model, [images for images, _ in batches],
+                                                 [images for images, _ in eval_batches], autocast=self.autocast,
+                                                 compile=self.compile)
         model_state = copy.deepcopy(self.model.state_dict())
         optimizer_state = copy.deepcopy(self.optimizer.state_dict())
         scaler_state = copy.deepcopy(self.scaler.state_dict()) if self.scaler is not None else None

@@ -6,21 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastcnn.kernel_choice import CallKey
 from fastcnn.ops import conv_pool_relu, conv_relu_pool, fused_kernel_status
 
 KERNEL_CHOICES = ("auto", "triton", "torch")
-
-# The seam for GPU benchmark results (bench/test_bench_conv_relu_pool.py): layer shapes, as
-# (in_channels, out_channels, kernel_size, padding), for which cuDNN + ReLU + max_pool2d measured faster than
-# the fused kernel, so that ``kernel="auto"`` keeps the plain chain there. Empty until such numbers exist;
-# add an entry only with the benchmark command, device and versions that justified it.
-CUDNN_FASTER_SHAPES: frozenset[tuple[int, int, int, int]] = frozenset()
-
-
-def auto_prefers_fused(in_channels: int, out_channels: int, kernel_size: int, padding: int) -> bool:
-    """Whether ``kernel="auto"`` takes the fused op for this layer shape on a GPU where it is available."""
-    return (in_channels, out_channels, kernel_size, padding) not in CUDNN_FASTER_SHAPES
-
 
 @torch.compiler.assume_constant_result
 def _fused_available(device_type: str, index: int) -> bool:
@@ -29,15 +18,14 @@ def _fused_available(device_type: str, index: int) -> bool:
     return fused_kernel_status(device)[0]
 
 
-def resolve_kernel(kernel: str, device: torch.device,
-                   layer: tuple[int, int, int, int] | None = None) -> str:
+def resolve_kernel(kernel: str, device: torch.device) -> str:
     """The implementation a ``kernel`` choice means on ``device``: ``"triton"`` (the fused op) or ``"torch"``.
 
     ``"torch"`` and ``"triton"`` mean themselves (``"triton"`` on CPU runs the Triton interpreter when
     TRITON_INTERPRET=1 was set before import, else the op's plain-PyTorch branch). ``"auto"`` picks the fused
-    op on CUDA when its kernels can run there and ``auto_prefers_fused(*layer)`` (when ``layer`` is given);
-    on every other device, CPU included, it picks the plain chain: the interpreter is for tests, never for
-    training a model.
+    op on CUDA when its kernels can run there; on every other device, CPU included, it picks the plain chain:
+    the interpreter is for tests, never for training a model. This is ``auto``'s default, for call shapes that
+    ``fastcnn.choose_kernels`` has not measured; a measured shape takes the measured winner.
     """
     if kernel not in KERNEL_CHOICES:
         raise ValueError(f"kernel must be one of {KERNEL_CHOICES}, got {kernel!r}")
@@ -47,8 +35,6 @@ def resolve_kernel(kernel: str, device: torch.device,
         return "torch"
     if not _fused_available(device.type, -1 if device.index is None else device.index):
         return "torch"
-    if layer is not None and not auto_prefers_fused(*layer):
-        return "torch"
     return "triton"
 
 
@@ -57,7 +43,9 @@ class ConvReLUPool2d(nn.Conv2d):
 
     Input (N, Cin, H, W), fp32/fp16/bf16, NCHW or channels-last; output (N, Cout, Ho // 2, Wo // 2) with
     Ho = H + 2 * padding - k + 1. ``kernel`` picks the implementation: ``"torch"`` is the plain-PyTorch chain,
-    ``"triton"`` the fused op, ``"auto"`` the fused op where it is available and faster (``resolve_kernel``).
+    ``"triton"`` the fused op, ``"auto"`` the faster of the two for each call shape that
+    ``fastcnn.choose_kernels`` measured on this device (``kernel_choices``), else the fused op where it is
+    available (``resolve_kernel``).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, padding: int = 0,
@@ -67,6 +55,8 @@ class ConvReLUPool2d(nn.Conv2d):
         if kernel not in KERNEL_CHOICES:
             raise ValueError(f"kernel must be one of {KERNEL_CHOICES}, got {kernel!r}")
         self.kernel = kernel
+        # CallKey -> "triton" | "torch", filled by fastcnn.choose_kernels; consulted only when kernel == "auto".
+        self.kernel_choices: dict[CallKey, str] = {}
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, *, kernel: str = "auto") -> ConvReLUPool2d:
@@ -97,10 +87,17 @@ class ConvReLUPool2d(nn.Conv2d):
         return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        layer = (self.in_channels, self.out_channels, self.kernel_size[0], self.padding[0])
-        if resolve_kernel(self.kernel, x.device, layer) == "torch":
+        if self.implementation(x) == "torch":
             return conv_pool_relu(x, self.weight, self.bias, self.padding[0])
         return conv_relu_pool(x, self.weight, self.bias, self.padding[0])
+
+    def implementation(self, x: torch.Tensor) -> str:
+        """``"triton"`` or ``"torch"``: what forward runs for this input."""
+        if self.kernel == "auto" and self.kernel_choices:
+            measured = self.kernel_choices.get(CallKey.of(x, self.weight))
+            if measured is not None:
+                return measured
+        return resolve_kernel(self.kernel, x.device)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", kernel={self.kernel!r}"

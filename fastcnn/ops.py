@@ -78,13 +78,13 @@ def conv_pool_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def _is_channels_last(x: torch.Tensor) -> bool:
+def is_channels_last(x: torch.Tensor) -> bool:
     # Same rule as the kernels' launchers; strides tell the layouts apart even when C == 1.
     return x.stride(1) == 1 and x.stride(3) == x.shape[1] and x.stride(2) == x.shape[1] * x.shape[3]
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
 
 
 def _pooled_size(h: int, w: int, ksize: int, padding: int) -> tuple[int, int]:

@@ -353,6 +353,7 @@ def _train(cfg: TrainConfig, rc: ResolvedConfig, ctx: DistributedContext, train_
         warmup_seconds=warmup_seconds, eval_seconds=eval_seconds,
         images_per_second=samples / train_seconds if train_seconds > 0 else None,
         target_acc=rc.target_acc, time_to_target=time_to_target, evals=evals,
+        kernel_choices=[timing.to_dict() for timing in trainer.kernel_timings],
         config=config_dict(rc), device_name=env.device_name(rc.torch_device), versions=env.versions(),
         git_commit=env.git_commit(), output=str(output), command=" ".join(sys.argv),
         finished_at=datetime.datetime.now().isoformat(timespec="seconds"))
@@ -469,6 +470,9 @@ def print_summary(summary: dict, history: list[dict], stream) -> None:
         reached = summary["time_to_target"]
         line += (f"\ntime to {summary['target_acc']:.2f}% test accuracy: " +
                  (f"{reached:.2f} s of training" if reached is not None else "not reached"))
+    for choice in summary.get("kernel_choices", []):
+        line += (f"\nkernel auto: {choice['layer']} [{choice['call']}] -> {choice['choice']} (fused "
+                 f"{choice['fused_ms']:.4f} ms, plain chain {choice['torch_ms']:.4f} ms)")
     print(line + f"\noutputs in {summary['output']}", file=stream)
 
 

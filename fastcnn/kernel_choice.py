@@ -1,0 +1,211 @@
+"""``kernel="auto"`` decided by measurement: per layer call shape, on the device that runs it.
+
+Whether the fused Triton kernel beats cuDNN's conv + ReLU + max-pool depends on the layer's shape, the batch
+size, the dtype, the layout, whether the input needs a gradient, and the GPU. A table written on one GPU would
+be wrong on another, so ``choose_kernels`` times both implementations of every ``ConvReLUPool2d`` call that a
+model makes on example batches, forward and backward as training runs them (forward alone for evaluation), on
+the caller's own device, and tells each module which one to use for that call shape. Calls of a shape that was
+never measured keep ``auto``'s default (the fused kernel on CUDA). The measurements are reported, so a user sees
+what was chosen and by how much.
+
+The trainer runs this during warm-up, off the clock, before torch.compile traces the model (a module's choices
+are plain Python state, so a compiled forward specializes on them). With ``compile=True`` each candidate is
+compiled before it is timed, because Inductor fuses the plain chain's ReLU and pool, which changes the contest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from fastcnn.ops import conv_pool_relu, conv_relu_pool, is_channels_last
+
+CANDIDATES = {"triton": conv_relu_pool, "torch": conv_pool_relu}
+
+
+class CallKey(NamedTuple):
+    """What makes two calls of one layer the same contest: input shape and layout, compute dtype, and whether a
+    backward pass follows (and must produce the input's gradient). A tuple, so that a compiled forward can look
+    it up."""
+
+    shape: tuple[int, ...]
+    channels_last: bool
+    dtype: torch.dtype
+    training: bool
+    input_grad: bool
+
+    @classmethod
+    def of(cls, x: torch.Tensor, weight: torch.Tensor) -> CallKey:
+        dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type):  # the op computes in the autocast dtype, as conv2d would
+            dtype = torch.get_autocast_dtype(x.device.type)
+        training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+        return cls(tuple(x.shape), is_channels_last(x), dtype, training, training and x.requires_grad)
+
+    def describe(self) -> str:
+        layout = "channels-last" if self.channels_last else "NCHW"
+        mode = ("fwd+bwd" if self.input_grad else "fwd+bwd, no input grad") if self.training else "fwd"
+        return f"{'x'.join(map(str, self.shape))} {str(self.dtype).removeprefix('torch.')} {layout} {mode}"
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelTiming:
+    """One measured contest: milliseconds per call of each implementation and the one chosen."""
+
+    layer: str
+    key: CallKey
+    fused_ms: float
+    torch_ms: float
+
+    @property
+    def choice(self) -> str:
+        return "triton" if self.fused_ms <= self.torch_ms else "torch"
+
+    @property
+    def speedup(self) -> float:
+        """How much faster the chosen implementation is than the other one."""
+        return max(self.fused_ms, self.torch_ms) / max(min(self.fused_ms, self.torch_ms), 1e-12)
+
+    def to_dict(self) -> dict:
+        return dict(layer=self.layer, call=self.key.describe(), fused_ms=round(self.fused_ms, 5),
+                    torch_ms=round(self.torch_ms, 5), choice=self.choice)
+
+    def describe(self) -> str:
+        winner, loser = ("fused", "plain chain") if self.choice == "triton" else ("plain chain", "fused")
+        return (f"{self.layer} [{self.key.describe()}]: {winner} {min(self.fused_ms, self.torch_ms):.4f} ms vs "
+                f"{loser} {max(self.fused_ms, self.torch_ms):.4f} ms")
+
+
+Timer = Callable[[Callable[[], object], torch.device], float]
+
+
+def time_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Median milliseconds per call of ``fn``: CUDA events via triton.testing.do_bench (which also flushes the L2
+    cache between calls) on a GPU, the host clock elsewhere. Warm-up calls are not counted."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+    for _ in range(2):
+        fn()
+    samples = []
+    for _ in range(5):
+        started = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(samples)
+
+
+def _contestants(module: nn.Conv2d, key: CallKey, device: torch.device, compile: bool):
+    """For each candidate, a closure that runs one call shaped like ``key`` (and its backward when training)."""
+    fmt = torch.channels_last if key.channels_last else torch.contiguous_format
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(key.shape, generator=generator).to(device=device, dtype=_input_dtype(module, key))
+    x = x.contiguous(memory_format=fmt).requires_grad_(key.input_grad)
+    weight = module.weight.detach().clone().requires_grad_(key.training)
+    bias = None if module.bias is None else module.bias.detach().clone().requires_grad_(key.training)
+    padding = module.padding[0]
+    leaves = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
+    autocast = (torch.autocast(device.type, dtype=key.dtype) if key.dtype != weight.dtype
+                else contextlib.nullcontext())
+    runs = {}
+    for name, op in CANDIDATES.items():
+        op = torch.compile(op, dynamic=False) if compile else op
+        with autocast, torch.set_grad_enabled(key.training):
+            grad_out = torch.randn_like(op(x, weight, bias, padding)) if key.training else None
+
+        def run(op=op, grad_out=grad_out):
+            with autocast, torch.set_grad_enabled(key.training):
+                out = op(x, weight, bias, padding)
+            if grad_out is not None:
+                for leaf in leaves:
+                    leaf.grad = None
+                out.backward(grad_out)
+
+        runs[name] = run
+    return runs
+
+
+def _input_dtype(module: nn.Conv2d, key: CallKey) -> torch.dtype:
+    # Under autocast the input may arrive in the parameters' dtype (a first layer fed fp32 images) and be cast by
+    # the op; timing it in the compute dtype measures the same kernels, and the cast costs both sides alike.
+    return key.dtype if key.dtype in (torch.float16, torch.bfloat16) else module.weight.dtype
+
+
+def fused_is_an_option(device: torch.device) -> bool:
+    """Whether ``auto`` may pick the fused kernel on ``device``: on CUDA where its kernels run. Never on the CPU,
+    where only the Triton interpreter could run them (tests measure there by replacing this function)."""
+    from fastcnn.nn import resolve_kernel
+
+    return resolve_kernel("auto", device) == "triton"
+
+
+def record_calls(model: nn.Module, run: Callable[[], object]) -> list[tuple[str, nn.Module, CallKey]]:
+    """The distinct (layer, call shape) pairs of the model's ``kernel="auto"`` ConvReLUPool2d modules seen while
+    ``run()`` runs the model, in call order."""
+    from fastcnn.nn import ConvReLUPool2d
+
+    seen: dict[tuple[str, CallKey], nn.Module] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, ConvReLUPool2d) and module.kernel == "auto":
+            def hook(mod, args, name=name):
+                seen.setdefault((name, CallKey.of(args[0], mod.weight)), mod)
+            handles.append(module.register_forward_pre_hook(hook))
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [(name, module, key) for (name, key), module in seen.items()]
+
+
+def choose_kernels(model: nn.Module, train_batches: Iterable[torch.Tensor] = (),
+                   eval_batches: Iterable[torch.Tensor] = (), *, autocast: Callable[[], object] | None = None,
+                   compile: bool = False, timer: Timer | None = None) -> list[KernelTiming]:
+    """Measure and set, for each ``kernel="auto"`` ConvReLUPool2d in ``model``, the faster implementation of
+    every call it makes on ``train_batches`` (forward and backward) and ``eval_batches`` (forward, no grad).
+
+    ``autocast``: a context-manager factory (the trainer's), so that calls are measured in the dtype training
+    uses. ``compile``: time torch.compile'd candidates (use it when the model will be compiled). ``timer``:
+    milliseconds per call of a closure (``time_ms`` by default). Returns the measurements, also kept in each
+    module's ``kernel_choices``. Nothing is measured where ``auto`` never picks the fused kernel (the CPU): it
+    means the plain chain there anyway. Model parameters and their gradients are left
+    untouched: the contests run on copies.
+    """
+    autocast = autocast or contextlib.nullcontext
+    train_batches, eval_batches = list(train_batches), list(eval_batches)
+    first = (train_batches or eval_batches or [None])[0]
+    if first is None or not fused_is_an_option(first.device):
+        return []
+    timer = timer or time_ms
+
+    def run_model():
+        was_training = model.training
+        try:
+            model.train()
+            for images in train_batches:
+                with autocast(), torch.enable_grad():
+                    model(images)  # builds the graph and drops it: no backward, no gradient touched
+            model.eval()
+            for images in eval_batches:
+                with autocast(), torch.no_grad():
+                    model(images)
+        finally:
+            model.train(was_training)
+
+    timings = []
+    for name, module, key in record_calls(model, run_model):
+        runs = _contestants(module, key, first.device, compile)
+        timing = KernelTiming(name, key, fused_ms=timer(runs["triton"], first.device),
+                              torch_ms=timer(runs["torch"], first.device))
+        module.kernel_choices[key] = timing.choice
+        timings.append(timing)
+    return timings

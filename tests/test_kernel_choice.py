@@ -1,0 +1,168 @@
+"""``kernel="auto"`` by measurement (fastcnn.kernel_choice). On a GPU the contest is the fused Triton kernel
+against cuDNN; here (CPU) the fused side runs under the Triton interpreter (conftest sets TRITON_INTERPRET=1),
+which is enough to test that calls are recorded, timed on copies, chosen per call shape, and used by forward."""
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from fastcnn import ConvReLUPool2d, choose_kernels, conv_relu_pool_reference, kernel_choice, ops
+from fastcnn.engine import Trainer
+from fastcnn.kernel_choice import CallKey, KernelTiming
+
+
+class TwoBlocks(nn.Module):
+    def __init__(self, kernel="auto"):
+        super().__init__()
+        self.block1 = ConvReLUPool2d(1, 3, 3, padding=1, kernel=kernel)
+        self.block2 = ConvReLUPool2d(3, 2, 3, kernel=kernel)
+
+    def forward(self, x):
+        return self.block2(self.block1(x)).flatten(1)
+
+
+@pytest.fixture
+def measurable_on_cpu(monkeypatch):
+    """Let the CPU (the Triton interpreter) take part in the contest, as a GPU would."""
+    if not ops.INTERPRET_ON_CPU:
+        pytest.skip("needs TRITON_INTERPRET=1 before import (tests/conftest.py sets it)")
+    monkeypatch.setattr(kernel_choice, "fused_is_an_option", lambda device: True)
+
+
+def scripted_timer(fused_wins):
+    """A timer that declares the fused kernel faster for the contests whose index is in ``fused_wins``. The
+    contests come in call order, fused first, then the plain chain; each closure is run once, so that a broken
+    contestant fails the test."""
+    counter = itertools.count()
+
+    def timer(fn, device):
+        fn()
+        index = next(counter)
+        contest, is_plain = divmod(index, 2)
+        fused_faster = contest in fused_wins
+        return 1.0 if (is_plain != fused_faster) else 2.0
+
+    return timer
+
+
+def test_each_call_shape_gets_the_measured_winner_and_forward_uses_it(measurable_on_cpu):
+    torch.manual_seed(0)
+    model = TwoBlocks()
+    train, evaluation = torch.randn(4, 1, 9, 9), torch.randn(3, 1, 9, 9)
+    timings = choose_kernels(model, [train], [evaluation], timer=scripted_timer(fused_wins={1, 2}))
+    # block1 and block2 in training, then both in evaluation: four contests
+    assert [(t.layer, t.key.training) for t in timings] == [
+        ("block1", True), ("block2", True), ("block1", False), ("block2", False)]
+    assert [t.choice for t in timings] == ["torch", "triton", "triton", "torch"]
+    # block1's input is the images (no gradient wanted); block2's input comes from block1 (it needs one)
+    assert timings[0].key.input_grad is False and timings[1].key.input_grad is True
+    assert timings[0].key == CallKey((4, 1, 9, 9), False, torch.float32, True, False)
+
+    assert model.block1.implementation(train) == "torch"
+    hidden = model.block1(train)
+    assert model.block2.implementation(hidden) == "triton"
+    with torch.no_grad():
+        assert model.block1.implementation(evaluation) == "triton"
+        assert model.block1.implementation(train) == "torch"  # not measured without grad: auto's CPU default
+    assert model.block1.implementation(torch.randn(5, 1, 9, 9)) == "torch"  # an unmeasured batch size
+
+
+def test_outputs_and_gradients_do_not_depend_on_the_choice(measurable_on_cpu):
+    torch.manual_seed(0)
+    x = torch.randint(-3, 4, (3, 1, 11, 10)).float()  # integer values: exact ties in the pool windows
+    results = []
+    for fused_wins in ({0, 1}, set()):
+        torch.manual_seed(1)
+        model = TwoBlocks()
+        choose_kernels(model, [x], timer=scripted_timer(fused_wins))
+        assert {model.block1.kernel_choices[k] for k in model.block1.kernel_choices} == (
+            {"triton"} if fused_wins else {"torch"})
+        out = model(x)
+        out.square().sum().backward()
+        results.append((out, [p.grad for p in model.parameters()]))
+    (out_fused, grads_fused), (out_plain, grads_plain) = results
+    torch.testing.assert_close(out_fused, out_plain)
+    for fused, plain in zip(grads_fused, grads_plain, strict=True):
+        torch.testing.assert_close(fused, plain)
+
+
+def test_the_contest_runs_on_copies_and_leaves_the_model_alone(measurable_on_cpu):
+    torch.manual_seed(0)
+    model = TwoBlocks()
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    choose_kernels(model, [torch.randn(2, 1, 8, 8)], timer=scripted_timer({0}))
+    assert not model.training  # the mode is put back
+    assert all(p.grad is None for p in model.parameters())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+def test_real_timer_measures_both_implementations(measurable_on_cpu):
+    # The interpreter is far slower than aten on CPU: a real measurement must pick the plain chain.
+    torch.manual_seed(0)
+    model = TwoBlocks()
+    timings = choose_kernels(model, [torch.randn(2, 1, 8, 8)])
+    assert len(timings) == 2 and all(t.fused_ms > 0 and t.torch_ms > 0 for t in timings)
+    assert [t.choice for t in timings] == ["torch", "torch"]
+    row = timings[0].to_dict()
+    assert row["layer"] == "block1" and row["choice"] == "torch" and "2x1x8x8 float32 NCHW" in row["call"]
+    assert "plain chain" in timings[0].describe() and timings[0].speedup > 1
+
+
+def test_autocast_calls_are_keyed_and_timed_in_the_compute_dtype(measurable_on_cpu):
+    torch.manual_seed(0)
+    model = TwoBlocks()
+    # channels-last by its strides (with one channel, .contiguous(memory_format=...) may keep NCHW's strides)
+    x = torch.empty_strided((2, 1, 8, 8), (64, 1, 8, 1)).normal_()
+    timings = choose_kernels(model, [x], autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+                             timer=scripted_timer({0, 1}))
+    assert [t.key.dtype for t in timings] == [torch.bfloat16, torch.bfloat16]
+    assert timings[0].key.channels_last
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.block1.implementation(x) == "triton"
+    assert model.block1.implementation(x) == "torch"  # fp32 calls were not measured
+
+
+def test_nothing_is_measured_where_auto_never_fuses():
+    # The real gate: on the CPU, auto is the plain chain, so there is no contest (and no interpreter run).
+    model = TwoBlocks()
+    assert choose_kernels(model, [torch.randn(2, 1, 8, 8)], timer=scripted_timer(set())) == []
+    assert model.block1.kernel_choices == {}
+
+
+def test_explicit_kernels_are_not_measured(measurable_on_cpu):
+    model = TwoBlocks(kernel="torch")
+    assert choose_kernels(model, [torch.randn(2, 1, 8, 8)], timer=scripted_timer(set())) == []
+
+
+def test_compiled_forward_follows_the_choices(monkeypatch):
+    # torch.compile cannot trace the interpreter: the aten branch stands in for the fused op (same values).
+    monkeypatch.setattr(ops, "INTERPRET_ON_CPU", False)
+    monkeypatch.setattr(kernel_choice, "fused_is_an_option", lambda device: True)
+    torch.manual_seed(0)
+    model = TwoBlocks()
+    x = torch.randn(2, 1, 10, 10)
+    choose_kernels(model, [x], timer=scripted_timer({1}), compile=True)
+    assert [model.block1.implementation(x), model.block2.implementation(model.block1(x))] == ["torch", "triton"]
+    expected = conv_relu_pool_reference(conv_relu_pool_reference(x, model.block1.weight, model.block1.bias, 1),
+                                        model.block2.weight, model.block2.bias).flatten(1)
+    torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), expected)
+
+
+def test_trainer_warm_up_measures_except_in_deterministic_mode(measurable_on_cpu, monkeypatch):
+    monkeypatch.setattr(kernel_choice, "time_ms", scripted_timer({0, 1, 2, 3}))
+    batches = [(torch.randn(4, 1, 8, 8), torch.randint(0, 2, (4,)))]
+    for deterministic in (False, True):
+        torch.manual_seed(0)
+        trainer = Trainer(TwoBlocks(), device=torch.device("cpu"))
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            trainer.warm_up(batches, [])
+        finally:
+            torch.use_deterministic_algorithms(False)
+        timings = trainer.kernel_timings
+        assert (len(timings), all(isinstance(t, KernelTiming) for t in timings)) == ((0, True) if deterministic
+                                                                                     else (2, True))
