@@ -166,3 +166,23 @@ def test_trainer_warm_up_measures_except_in_deterministic_mode(measurable_on_cpu
         timings = trainer.kernel_timings
         assert (len(timings), all(isinstance(t, KernelTiming) for t in timings)) == ((0, True) if deterministic
                                                                                      else (2, True))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or ops.INTERPRET_ON_CPU,
+                    reason="needs a CUDA GPU and compiled Triton kernels (TRITON_INTERPRET=0)")
+def test_measured_on_the_gpu_for_simplecnn_shapes():
+    from fastcnn.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("simplecnn").cuda().to(memory_format=torch.channels_last)
+    images = torch.randn(512, 1, 28, 28, device="cuda").contiguous(memory_format=torch.channels_last)
+    bf16 = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+    timings = choose_kernels(model, [images, images[:96]], [images], autocast=bf16)
+    assert len(timings) == 3  # conv1 at batch 512 and 96 in training, 512 in evaluation
+    for timing in timings:
+        print(timing.describe())
+        assert timing.fused_ms > 0 and timing.torch_ms > 0
+    with bf16():
+        out = model(images)
+    assert out.shape == (512, 10) and torch.isfinite(out).all()

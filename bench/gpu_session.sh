@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Every GPU measurement the open issues (3, 4, 5) still need, in as few device calls as possible.
+#
+# A GPU session's device time is short (30 minutes, 10 per command), so this runs named stages, each under its
+# own time limit, and keeps going when one fails. On the GPU machine torch, triton, pytest and pytest-benchmark
+# are installed; DALI and the datasets are not: pack them here first with ../shared/tools/gpu-pack.sh and unpack
+# them there as it prints (to /tmp/gpu). Then, through the device tool, one stage list per call, e.g.
+#
+#   bash bench/gpu_session.sh install tests            # ~5 min: GPU correctness first
+#   bash bench/gpu_session.sh install kernels          # ~6 min: kernel benchmarks and the issue-3 verdicts
+#   bash bench/gpu_session.sh install ablation epoch ddp   # ~8 min: issue 4's and 5's training figures
+#
+# (install again in each call: a machine given back in between starts bare.) Stages:
+#   install   pip install -e . without touching torch; `fastcnn env`
+#   tests     the whole test suite with compiled kernels (TRITON_INTERPRET=0): CUDA correctness, GPU tests
+#   kernels   bench/test_bench_conv_relu_pool.py: fused vs cuDNN (all shapes) and vs torch.compile max-autotune
+#             (bf16 only: each compile takes long), peak memory; then bench/kernel_report.py's verdicts
+#   ablation  "${fastcnn[@]}" bench --ablation at batch 64 and 512 (images/s, speed-ups, peak memory, chart)
+#   epoch     "${fastcnn[@]}" bench --epoch: tutorial program vs the fast configurations, full MNIST epochs with test
+#             accuracy (the <= 60 ms / <= 15 ms, >= 100x and 0.3-point targets)
+#   ddp       fastcnn train --nproc 1 --cuda-graph against the same run in one process
+# Results land in $OUT/gpu-results.tar.gz (the device tool brings back at most 8 files) and the log in
+# $OUT/gpu-session.log; copy the JSON/PNG files worth keeping into bench/results/ as gpu-<device>-*.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-$PWD/gpu-out}
+work=$(mktemp -d)/gpu-results
+mkdir -p "$out" "$work"
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+if [ -z "${FASTCNN_DATA:-}" ] && [ -d /tmp/gpu/data ]; then export FASTCNN_DATA=/tmp/gpu/data; fi
+py=${PYTHON:-python3}
+log="$out/gpu-session.log"
+gpu=$($py -c "import torch; n = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'; \
+print(n.split()[1].lower() if n.startswith('NVIDIA ') else n.split()[0].lower())" 2>/dev/null || echo unknown)
+
+say() { echo "[gpu_session $(date +%H:%M:%S)] $*" | tee -a "$log"; }
+
+# stage NAME SECONDS COMMAND...: run with a time limit, log everything, record the verdict, never abort the script.
+stage() {
+  local name=$1 limit=$2; shift 2
+  say "stage $name (limit ${limit}s): $*"
+  local started=$SECONDS
+  timeout --signal=INT --kill-after=20 "$limit" "$@" 2>&1 | tee -a "$log" "$work/$name.log" >/dev/null
+  local rc=${PIPESTATUS[0]}
+  say "stage $name: exit $rc after $((SECONDS - started)) s"
+  echo "$name exit=$rc seconds=$((SECONDS - started))" >> "$work/stages.txt"
+  return 0
+}
+
+fastcnn=("$py" -m fastcnn)
+# pytest-timeout is on the GPU image; elsewhere run without per-test limits.
+per_test_limit=()
+$py -c "import pytest_timeout" 2>/dev/null && per_test_limit=(--timeout 240)
+
+run_install() {
+  stage install 180 $py -m pip install -q --no-deps --no-build-isolation -e .
+  stage env 60 "${fastcnn[@]}" env
+  $py -c "import nvidia.dali" 2>/dev/null || say "DALI is not importable: the dali lines will be skipped"
+  [ -n "${FASTCNN_DATA:-}" ] || say "FASTCNN_DATA is unset and /tmp/gpu/data is missing: MNIST stages will fail"
+}
+
+run_tests() {
+  stage tests 420 $py -m pytest -q -p no:cacheprovider "${per_test_limit[@]}" tests --junitxml="$work/tests.xml" -rs
+}
+
+run_kernels() {
+  local json="$work/gpu-$gpu-kernels.json"
+  stage kernels 420 $py -m pytest -q -p no:cacheprovider bench/test_bench_conv_relu_pool.py \
+    -k "not max_autotune or (bf16 and 512)" --benchmark-json="$json" --benchmark-max-time=0.3 --benchmark-min-rounds=20
+  [ -f "$json" ] && stage kernel_report 60 $py bench/kernel_report.py "$json" --json "$work/gpu-$gpu-kernel-summary.json"
+}
+
+run_ablation() {
+  for batch in 64 512; do
+    stage "ablation-b$batch" 240 "${fastcnn[@]}" bench --ablation --dataset mnist -b "$batch" \
+      --json "$work/gpu-$gpu-ablation-b$batch.json" --plot "$work/gpu-$gpu-ablation-b$batch.png"
+  done
+}
+
+run_epoch() {
+  stage epoch-b64 300 "${fastcnn[@]}" bench --epoch --dataset mnist -b 64 --repeats 2 \
+    --configs reference,fast,compile,fused,cuda-graph --json "$work/gpu-$gpu-epoch-b64.json"
+  stage epoch-b512 180 "${fastcnn[@]}" bench --epoch --dataset mnist -b 512 --repeats 3 --configs fast,fused,cuda-graph \
+    --json "$work/gpu-$gpu-epoch-b512.json"
+}
+
+run_ddp() {
+  local common=(train --dataset mnist -b 512 --epochs 2 --cuda-graph --no-progress --seed 0)
+  stage ddp-single 180 "${fastcnn[@]}" "${common[@]}" --output "$work/ddp-single"
+  stage ddp-nproc1 240 "${fastcnn[@]}" "${common[@]}" --nproc 1 --output "$work/ddp-nproc1"
+  $py - "$work" <<'EOF' 2>&1 | tee -a "$log" "$work/ddp-compare.txt"
+import json, pathlib, sys
+work = pathlib.Path(sys.argv[1])
+runs = {name: work / name / "summary.json" for name in ("ddp-single", "ddp-nproc1")}
+found = {name: json.loads(path.read_text()) for name, path in runs.items() if path.exists()}
+for name, summary in found.items():
+    print(f"{name}: test acc {summary['test_acc']:.2f}% in {summary['train_seconds']:.3f} s "
+          f"({summary.get('distributed')})")
+if len(found) == 2:
+    gap = abs(found["ddp-single"]["test_acc"] - found["ddp-nproc1"]["test_acc"])
+    print(f"DDP + CUDA graphs vs one process: accuracy gap {gap:.2f} points")
+EOF
+}
+
+say "device: $gpu; stages: $*; data: ${FASTCNN_DATA:-none}; commit $(git rev-parse --short HEAD 2>/dev/null)"
+for name in "$@"; do
+  case $name in
+    install|tests|kernels|ablation|epoch|ddp) "run_$name" ;;
+    *) say "unknown stage $name (choose from install tests kernels ablation epoch ddp)"; exit 2 ;;
+  esac
+done
+tar -C "$(dirname "$work")" -czf "$out/gpu-results.tar.gz" gpu-results
+say "done: $(cat "$work/stages.txt" 2>/dev/null | tr '\n' ';')"
