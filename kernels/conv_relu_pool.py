@@ -269,8 +269,10 @@ def conv_relu_pool_bwd_weight_kernel(
         base = mask_k[:, None] & mask_p[None, :]
         ptrs = x_ptr + (x_col[:, None] + (n64 * sxn + ih0 * sxh + iw0 * sxw)[None, :])
         for d in tl.static_range(4):
-            dy: tl.constexpr = d // 2
-            dx: tl.constexpr = d % 2
+            # Plain names: d is a constexpr of the unrolled loop, so these are too; a `tl.constexpr`
+            # annotation here is a reassignment on the next iteration, which the compiler rejects.
+            dy = d // 2
+            dx = d % 2
             m = base & (ih >= -dy) & (ih < H - dy) & (iw >= -dx) & (iw < W - dx)
             xt = tl.load(ptrs + (dy * sxh + dx * sxw), mask=m, other=0.0)
             gd = tl.where(win == d, g, 0.0).to(xt.dtype)
