@@ -87,6 +87,27 @@ def test_device_loader_layout_and_dtype():
     assert images.stride(1) == 1
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_prepared_images_serve_bitwise_what_per_batch_normalization_serves(monkeypatch, channels, channels_last,
+                                                                           dtype):
+    from fastcnn.data import device_loader
+
+    data = small_set(count=50, channels=channels)
+    kw = dict(seed=5, mean=(0.5, 0.4, 0.3)[:channels], std=(0.2, 0.25, 0.3)[:channels], dtype=dtype,
+              channels_last=channels_last)
+    prepared = DeviceLoader(data, 16, **kw)
+    monkeypatch.setattr(device_loader, "PREPARED_MAX_BYTES", 0)  # too big to prepare: normalize per batch
+    per_batch = DeviceLoader(data, 16, **kw)
+    assert prepared.prepared is not None and per_batch.prepared is None
+    for (a, y_a), (b, y_b) in zip(prepared, per_batch, strict=True):
+        assert torch.equal(a, b) and torch.equal(y_a, y_b)
+        assert a.dtype == b.dtype and a.is_contiguous(memory_format=per_batch.memory_format)
+        if channels > 1:
+            assert a.stride() == b.stride()
+
+
 def test_torch_loader_serves_the_same_batches_as_device_loader():
     data = small_set(channels=3)
     kw = dict(seed=7, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
