@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     except FastcnnError as err:
         if args.debug:
             raise
-        print(f"fastcnn: error: {err}", file=sys.stderr)
+        if not getattr(err, "quiet", False):  # quiet: another process (rank 0) reports the same error
+            print(f"fastcnn: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("fastcnn: interrupted", file=sys.stderr)

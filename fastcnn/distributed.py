@@ -4,6 +4,10 @@
 LOCAL_RANK from its environment (``DistributedContext.from_env``), trains on its own shard of every epoch with
 DistributedDataParallel, and only rank 0 writes logs, checkpoints and the summary. ``fastcnn train --nproc N``
 runs that torchrun command for you.
+
+Every rank must make the same collective calls in the same order, or the others wait in an all-reduce forever.
+So a rank never stops on its own: stop requests (SIGINT/SIGTERM) and non-finite losses are agreed on by all ranks
+together (``all_max_``, from ``fastcnn.train.StopAgreement``), and every rank stops, or raises, at the same step.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ class DistributedContext:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """Whether this process is one rank of a process group (started by torchrun), even a group of one."""
+        return self.backend is not None
 
     @property
     def is_main(self) -> bool:
@@ -62,6 +67,13 @@ class DistributedContext:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return float(tensor)
 
+    def all_max_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Element-wise maximum of ``tensor`` over all ranks, in place (the tensor itself when not distributed).
+        Queued on the device like any collective: reading the result is what waits for it."""
+        if self.enabled:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
     def parameters_in_sync(self, model: torch.nn.Module, device: torch.device) -> bool:
         """Whether every rank holds bitwise the same parameters (DDP's promise; checked at the end of a run)."""
         if not self.enabled:
@@ -93,7 +105,8 @@ def launch(nproc: int, argv: list[str], cfg) -> int:
 
     Everything that can be checked once (arguments, dataset, output folder, GPU count) is checked here first, so
     that a mistake is one line rather than one per process. Then this process becomes torchrun (exec), so that
-    Ctrl-C and SIGTERM reach torchrun, which stops the workers, and its exit status is the command's.
+    Ctrl-C and SIGTERM reach torchrun, which passes them on to the workers; its exit status is the workers' (see
+    ``run_torchrun``).
     """
     from fastcnn.train import preflight
 
@@ -106,7 +119,7 @@ def launch(nproc: int, argv: list[str], cfg) -> int:
         raise UsageError(f"--nproc {nproc} needs {nproc} GPUs but {torch.cuda.device_count()} are visible; one "
                          "process per GPU")
     per_rank_batch_size(rc.batch_size, nproc)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    command = [sys.executable, "-m", "fastcnn.distributed", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "fastcnn", *argv]
     print("fastcnn: running " + " ".join(command[1:]), file=sys.stderr, flush=True)
     os.execv(sys.executable, command)
@@ -124,3 +137,32 @@ def strip_nproc(argv: list[str]) -> list[str]:
         elif not arg.startswith("--nproc="):
             out.append(arg)
     return out
+
+
+def run_torchrun(args: list[str]) -> int:
+    """torchrun (``python -m torch.distributed.run``) with ``args``, exiting like one fastcnn process would.
+
+    torchrun itself exits 1, with a traceback, whenever a worker fails or it is signalled. Here the status is the
+    first failed worker's: 130/143 when the run was interrupted (the workers agreed to stop and rank 0 saved a
+    checkpoint), 1 when it diverged, 2 for a usage error, 128+N when a worker was killed by signal N; and
+    128+N when torchrun itself got signal N (it passed it on to the workers and waited for them).
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(args))
+    except ChildFailedError as failed:
+        rank, failure = failed.get_first_failure()
+        if failure.exitcode >= 0:
+            return failure.exitcode or 1
+        print(f"fastcnn: error: rank {rank} was killed by {failure.signal_name()}", file=sys.stderr)
+        return 128 - failure.exitcode
+    except SignalException as signalled:
+        return 128 + int(signalled.sigval)
+    return 0
+
+
+if __name__ == "__main__":  # what ``launch`` execs
+    sys.exit(run_torchrun(sys.argv[1:]))

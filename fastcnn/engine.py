@@ -182,9 +182,13 @@ class Trainer:
         return loss.detach(), logits.detach()
 
     def train_epoch(self, loader, *, progress: EpochProgress | None = None, bar=None,
-                    on_batch=None, eval_every: int = 0, on_eval=None) -> EpochStats:
+                    on_batch=None, eval_every: int = 0, on_eval=None, check_loss: bool = True) -> EpochStats:
         """Train over ``loader`` (already set to its epoch). ``progress`` carries the sums of an epoch resumed
         in the middle; ``bar`` is a tqdm bar or None; ``on_batch(progress)`` runs after each step.
+
+        ``check_loss``: raise TrainingDivergedError when this process's loss is NaN or infinite (at each bar
+        refresh and at the end). Data parallel passes False: one rank raising alone would leave the others waiting
+        in an all-reduce, so ranks agree on divergence together (fastcnn.train.StopAgreement) instead.
 
         With ``eval_every`` > 0, ``on_eval(progress)`` runs after every ``eval_every``-th batch of the epoch,
         with the clock stopped: its time is not training time (``progress.seconds`` is the training clock).
@@ -204,7 +208,7 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
                 if progress.batches % PROGRESS_REFRESH_STEPS == 0:
-                    self._refresh_bar(bar, loss, progress, clock_base + time.perf_counter() - started)
+                    self._refresh_bar(bar, loss, progress, clock_base + time.perf_counter() - started, check_loss)
             # Evaluate before on_batch (which may stop the run), so a stop never skips a due evaluation.
             if eval_every and on_eval is not None and progress.batches % eval_every == 0 and \
                     progress.batches < len(loader):
@@ -221,15 +225,17 @@ class Trainer:
         synchronize(self.device)
         progress.seconds = clock_base + time.perf_counter() - started
         stats = progress.finish()
-        check_finite(stats.loss, "training")
+        if check_loss:
+            check_finite(stats.loss, "training")
         if bar is not None:
             bar.set_postfix(loss=f"{stats.loss:.4f}", img_s=f"{stats.images_per_second:,.0f}")
         return stats
 
     @staticmethod
-    def _refresh_bar(bar, loss: torch.Tensor, progress: EpochProgress, elapsed: float) -> None:
+    def _refresh_bar(bar, loss: torch.Tensor, progress: EpochProgress, elapsed: float, check_loss: bool = True) -> None:
         value = float(loss)  # the one sync every PROGRESS_REFRESH_STEPS steps
-        check_finite(value, "training")
+        if check_loss:
+            check_finite(value, "training")
         bar.set_postfix(loss=f"{value:.4f}", img_s=f"{progress.samples / max(elapsed, 1e-9):,.0f}")
 
     @torch.no_grad()

@@ -3,7 +3,8 @@
 Order matters for "nothing lost": every check that can fail (arguments, checkpoint, dataset, output folder)
 runs before the output folder is created or touched; files in it are replaced atomically; a run that fails
 before finishing an epoch removes the folder it created; Ctrl-C / SIGTERM stop at a step boundary and write
-a checkpoint from which ``--resume`` continues exactly.
+a checkpoint from which ``--resume`` continues exactly. With several processes, the ranks agree on stopping and on
+divergence (``StopAgreement``), so that all of them stop at the same step.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from fastcnn.checkpoint import load_checkpoint, save_checkpoint
 from fastcnn.config import ResolvedConfig, TrainConfig, resolve
 from fastcnn.data import ImageDataset, load_dataset, make_loader
 from fastcnn.distributed import DistributedContext, per_rank_batch_size
-from fastcnn.engine import EpochProgress, EpochStats, Trainer, synchronize
+from fastcnn.engine import PROGRESS_REFRESH_STEPS, EpochProgress, EpochStats, Trainer, check_finite, synchronize
 from fastcnn.errors import FastcnnError, TrainingDivergedError, UsageError
 from fastcnn.models import build_model
 from fastcnn.report import EPOCH_COLUMNS, format_table, plot_curves, write_json, write_metrics
@@ -78,6 +79,79 @@ class StopRequests:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
         return False
+
+
+class StopAgreement:
+    """When to stop, decided by all ranks together, so that none is left waiting in an all-reduce.
+
+    One process: ``after_step`` checks the stop flag after every step, and the loss checks stay local (as in
+    ``Trainer.train_epoch``). Data parallel: a rank that stopped on its own SIGINT/SIGTERM, or raised on its own
+    NaN, would leave the others blocked in the next gradient all-reduce. So every ``every`` steps, at the last
+    batch of an epoch (``after_step``) and between epochs (``now``), the ranks all-reduce (MAX) two numbers: the
+    signal a rank received (0: none) and whether its loss sum over the epoch so far is finite (0), infinite (1)
+    or NaN (2). Every rank gets the same answer and acts on it at the same step: divergence first (its weights are
+    not worth a checkpoint), then a stop, which rank 0 checkpoints at that step. The answer is the one host sync:
+    between agreements nothing is read from the device.
+    """
+
+    def __init__(self, stop: StopRequests, ctx: DistributedContext, device: torch.device, steps_per_epoch: int,
+                 every: int = PROGRESS_REFRESH_STEPS):
+        self.stop, self.ctx, self.device = stop, ctx, device
+        self.steps_per_epoch, self.every = steps_per_epoch, every
+
+    def due(self, batches: int) -> bool:
+        return batches % self.every == 0 or batches == self.steps_per_epoch
+
+    def after_step(self, progress: EpochProgress) -> None:
+        if not self.ctx.enabled:
+            self.stop.check()
+        elif self.due(progress.batches):
+            self.now(progress.loss_sum)
+
+    def now(self, loss_sum: torch.Tensor | None = None) -> None:
+        """Agree now (every rank must call this at the same point); raise what was agreed."""
+        if not self.ctx.enabled:
+            self.stop.check()
+            return
+        flags = torch.zeros(2, dtype=torch.float64, device=self.device)
+        flags[0] = float(self.stop.signum or 0)
+        if loss_sum is not None:
+            flags[1] = torch.isnan(loss_sum).double() * 2 + torch.isinf(loss_sum).double()
+        signum, loss_code = (int(value) for value in self.ctx.all_max_(flags).tolist())
+        if loss_code:
+            check_finite(float("nan") if loss_code == 2 else float("inf"), "training")
+        if signum:
+            raise Interrupted(signum)
+
+
+TEST_FAULT_ENV = "FASTCNN_TEST_FAULT"
+
+
+def install_test_fault(trainer: Trainer, rank: int) -> None:
+    """Test hook, for tests/test_distributed.py: ``FASTCNN_TEST_FAULT=RANK:STEP:FAULT`` makes rank RANK, at its
+    STEP-th training step in this process, send itself FAULT (SIGINT or SIGTERM), or, with FAULT ``nan``, report a
+    NaN loss from that step on (its gradients stay finite). These are faults a real run meets on one rank only,
+    made reproducible inside torchrun's worker processes, where a test's monkeypatch cannot reach. Unset (any real
+    run) it does nothing."""
+    spec = os.environ.get(TEST_FAULT_ENV)
+    if not spec:
+        return
+    fault_rank, fault_step, fault = spec.split(":")
+    if int(fault_rank) != rank:
+        return
+    real_step, steps = trainer.train_step, 0
+
+    def faulty_step(images, labels):
+        nonlocal steps
+        steps += 1
+        loss, logits = real_step(images, labels)
+        if fault == "nan" and steps >= int(fault_step):
+            loss = loss * float("nan")
+        elif fault != "nan" and steps == int(fault_step):
+            os.kill(os.getpid(), signal.Signals[fault])
+        return loss, logits
+
+    trainer.train_step = faulty_step
 
 
 @contextlib.contextmanager
@@ -261,9 +335,12 @@ def _train(cfg: TrainConfig, rc: ResolvedConfig, ctx: DistributedContext, train_
         previous_eval_seconds = resume_state.get("eval_seconds", 0.0)
         if resume_state.get("partial"):
             partial = EpochProgress.from_dict(resume_state["partial"], rc.torch_device)
+            if not main:  # its sums are those of all ranks (see the stop below): counted once, by rank 0
+                partial = EpochProgress(partial.loss_sum * 0, partial.correct * 0, 0, partial.seconds, partial.batches)
         restore_rng(resume_state["rng"])
 
     warmup_seconds = warm_up(rc, trainer, train_loader, test_loader)
+    install_test_fault(trainer, ctx.rank)
     setup_seconds = time.perf_counter() - started
 
     created = main and not output.exists()
@@ -296,6 +373,7 @@ def _train(cfg: TrainConfig, rc: ResolvedConfig, ctx: DistributedContext, train_
 
     try:
         with StopRequests() as stop:
+            agreement = StopAgreement(stop, ctx, rc.torch_device, len(train_loader))
             for epoch in range(start_epoch, rc.epochs):
                 train_loader.set_epoch(epoch, start_batch)
                 bar = tqdm(total=len(train_loader), initial=start_batch, desc=f"epoch {epoch + 1}/{rc.epochs}",
@@ -304,18 +382,20 @@ def _train(cfg: TrainConfig, rc: ResolvedConfig, ctx: DistributedContext, train_
                 partial, start_batch = None, 0
                 try:
                     stats = trainer.train_epoch(
-                        train_loader, progress=progress, bar=bar, on_batch=stop.check, eval_every=rc.eval_every,
-                        on_eval=lambda p, e=epoch: evaluate(e, p.batches, p.seconds))
+                        train_loader, progress=progress, bar=bar, on_batch=agreement.after_step,
+                        eval_every=rc.eval_every, on_eval=lambda p, e=epoch: evaluate(e, p.batches, p.seconds),
+                        check_loss=not ctx.enabled)
                 except Interrupted:
                     bar.close()
+                    # Every rank stopped at this same step (StopAgreement): rank 0 saves the sums of all of them.
+                    progress = global_progress(progress, ctx, rc.torch_device)
                     if main:
-                        if ctx.enabled:  # rank 0's sums cover its shard only: the resumed epoch restarts them
-                            progress = EpochProgress(progress.loss_sum * 0, progress.correct * 0, 0,
-                                                     progress.seconds, progress.batches)
                         save_checkpoint(checkpoint_path, checkpoint_state(epoch, progress.batches, progress))
                     raise
                 bar.close()
                 stats = global_stats(stats, ctx, rc.torch_device)
+                if ctx.enabled:  # the ranks' own checks were off (one would raise alone): check the global loss
+                    check_finite(stats.loss, "training")
                 test_loss, test_acc = evaluate(epoch, len(train_loader), stats.seconds)
                 train_seconds += stats.seconds
                 history.append(dict(epoch=epoch + 1, train_loss=stats.loss, train_acc=stats.accuracy,
@@ -325,12 +405,14 @@ def _train(cfg: TrainConfig, rc: ResolvedConfig, ctx: DistributedContext, train_
                     write_metrics(output / "metrics.jsonl", history)
                     save_checkpoint(checkpoint_path, checkpoint_state(epoch + 1, 0, None))
                 if epoch + 1 < rc.epochs:  # after the last epoch, finish the run: summary and curves
-                    stop.check()
+                    agreement.now()
     except Interrupted as stop_request:
-        if not main:
-            raise
-        print(f"fastcnn: interrupted by {stop_request}; checkpoint saved to {checkpoint_path}; continue with "
-              f"`fastcnn train --resume {checkpoint_path}`", file=sys.stderr)
+        if main:
+            print(f"fastcnn: interrupted by {stop_request}; checkpoint saved to {checkpoint_path}; continue with "
+                  f"`fastcnn train --resume {checkpoint_path}`", file=sys.stderr)
+        # Every rank stopped here together. The others exit once rank 0 has written and said so: torchrun stops
+        # the remaining workers as soon as one exits.
+        ctx.barrier()
         raise
     except Exception as failure:
         if created and not history:
@@ -338,7 +420,9 @@ def _train(cfg: TrainConfig, rc: ResolvedConfig, ctx: DistributedContext, train_
         if isinstance(failure, TrainingDivergedError):
             kept = (f"the last good checkpoint (epoch {history[-1]['epoch']}) is kept at {checkpoint_path}"
                     if history else "no epoch had finished, so nothing was saved")
-            raise TrainingDivergedError(f"{failure}; {kept}") from None
+            diverged = TrainingDivergedError(f"{failure}; {kept}")
+            diverged.quiet = not main  # data parallel: every rank raises it together; rank 0 says it
+            raise diverged from None
         raise
 
     last = history[-1]
@@ -375,7 +459,19 @@ def global_stats(stats: EpochStats, ctx: DistributedContext, device: torch.devic
     loss_sum, correct, samples = ctx.sum([stats.loss * stats.samples, stats.accuracy * stats.samples / 100.0,
                                           float(stats.samples)], device)
     seconds = ctx.max(stats.seconds, device)
-    return EpochStats(loss_sum / samples, 100.0 * correct / samples, int(samples), seconds)
+    return EpochStats(loss_sum / max(samples, 1), 100.0 * correct / max(samples, 1), int(samples), seconds)
+
+
+def global_progress(progress: EpochProgress, ctx: DistributedContext, device: torch.device) -> EpochProgress:
+    """The sums of an epoch in progress over all ranks (the slowest rank's time), for rank 0's checkpoint. Every
+    rank must call it at the same step."""
+    if not ctx.enabled:
+        return progress
+    loss_sum, correct, samples = ctx.sum([float(progress.loss_sum), float(progress.correct), float(progress.samples)],
+                                         device)
+    return EpochProgress(torch.tensor(loss_sum, dtype=torch.float64, device=device),
+                         torch.tensor(round(correct), dtype=torch.int64, device=device), round(samples),
+                         ctx.max(progress.seconds, device), progress.batches)
 
 
 def run_repeated(cfg: TrainConfig, *, stream=None) -> dict:

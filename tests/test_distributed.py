@@ -1,7 +1,9 @@
-"""Data parallel on CPU (gloo) and deterministic runs."""
+"""Data parallel on CPU (gloo), ranks agreeing on stops and divergence, and deterministic runs."""
 
 import json
+import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -9,23 +11,46 @@ import pytest
 import torch
 
 from fastcnn.cli import main
+from fastcnn.distributed import DistributedContext
+from fastcnn.engine import EpochProgress
+from fastcnn.errors import TrainingDivergedError
+from fastcnn.train import TEST_FAULT_ENV, Interrupted, StopAgreement, StopRequests
 
-SUBSET = ["--train-subset", "2048", "--test-subset", "500", "-b", "64", "--no-amp", "--no-progress",
+# 4096 samples, global batch 64: 64 steps per epoch, so the ranks agree at step 50 inside an epoch and at its end.
+SUBSET = ["--train-subset", "4096", "--test-subset", "500", "-b", "64", "--no-amp", "--no-progress",
           "--device", "cpu", "--epochs", "2"]
 
 
-def test_two_gloo_processes_match_a_single_process_with_the_same_global_batch(data_root, tmp_path):
-    env = dict(os.environ, FASTCNN_DATA=str(data_root))
-    ddp = tmp_path / "ddp"
-    result = subprocess.run([sys.executable, "-m", "fastcnn", "train", "--nproc", "2", *SUBSET,
-                             "--output", str(ddp)], capture_output=True, text=True, env=env, timeout=300)
+def fastcnn_train(args, data_root=None, *, fault=None, timeout=300):
+    """``fastcnn train ARGS`` in a subprocess; ``fault``: the test hook fastcnn.train.install_test_fault."""
+    # No Triton interpreter (conftest sets it for the kernel tests): these runs use the plain chain, which it slows.
+    env = {k: v for k, v in os.environ.items() if k not in (TEST_FAULT_ENV, "TRITON_INTERPRET")}
+    if data_root is not None:
+        env["FASTCNN_DATA"] = str(data_root)
+    if fault is not None:
+        env[TEST_FAULT_ENV] = fault
+    return subprocess.run([sys.executable, "-m", "fastcnn", "train", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(data_root, tmp_path_factory):
+    """An uninterrupted two-process run of SUBSET (its folder)."""
+    ddp = tmp_path_factory.mktemp("ddp") / "run"
+    result = fastcnn_train(["--nproc", "2", *SUBSET, "--output", str(ddp)], data_root)
     assert result.returncode == 0, result.stderr[-2000:]
+    return ddp
+
+
+def test_two_gloo_processes_match_a_single_process_with_the_same_global_batch(ddp_run, data_root, tmp_path):
+    ddp = ddp_run
     summary = json.loads((ddp / "summary.json").read_text())
     assert summary["distributed"] == {"world_size": 2, "backend": "gloo", "parameters_in_sync": True}
     assert not (ddp / "rank1").exists()
 
     single = tmp_path / "single"
-    assert main(["train", *SUBSET, "--data-dir", str(data_root), "--output", str(single)]) == 0
+    result = fastcnn_train([*SUBSET, "--output", str(single)], data_root)
+    assert result.returncode == 0, result.stderr[-2000:]
     ddp_state = torch.load(ddp / "checkpoint.pt", weights_only=True)["model"]
     single_state = torch.load(single / "checkpoint.pt", weights_only=True)["model"]
     for key, value in single_state.items():
@@ -34,6 +59,119 @@ def test_two_gloo_processes_match_a_single_process_with_the_same_global_batch(da
     single_summary = json.loads((single / "summary.json").read_text())
     assert abs(summary["test_acc"] - single_summary["test_acc"]) <= 0.5
     assert summary["epochs"] == 2 and (ddp / "metrics.jsonl").read_text().count("\n") == 2
+
+
+def test_a_signal_to_one_rank_stops_both_at_the_same_step_and_resume_matches_an_uninterrupted_run(
+        ddp_run, data_root, tmp_path):
+    cut = tmp_path / "cut"
+    # rank 1 alone gets SIGTERM after its 70th step (epoch 2, batch 6); the ranks agree at batch 50
+    result = fastcnn_train(["--nproc", "2", *SUBSET, "--output", str(cut)], data_root, fault="1:70:SIGTERM",
+                           timeout=180)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
+    assert result.stderr.count("checkpoint saved") == 1 and "Traceback" not in result.stderr
+    state = torch.load(cut / "checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["batch"]) == (1, 50)
+    assert state["partial"]["samples"] == 50 * 64  # the sums of both ranks, which stopped at the same step
+
+    result = fastcnn_train(["--nproc", "2", "--resume", str(cut / "checkpoint.pt"), "--no-progress"], data_root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    finished = torch.load(cut / "checkpoint.pt", weights_only=True)
+    reference = torch.load(ddp_run / "checkpoint.pt", weights_only=True)
+    for key, value in reference["model"].items():
+        assert torch.equal(finished["model"][key], value), key
+    for row, expected in zip(finished["history"], reference["history"], strict=True):
+        for key in ("train_loss", "train_acc", "test_acc"):  # the resumed epoch's figures cover all of it
+            assert row[key] == pytest.approx(expected[key], rel=1e-9), key
+    assert json.loads((cut / "summary.json").read_text())["distributed"]["parameters_in_sync"]
+
+
+def test_nan_on_one_rank_makes_every_rank_stop_with_the_divergence_message(data_root, tmp_path):
+    out = tmp_path / "run"
+    # rank 1 alone reports NaN losses from its 70th step on (epoch 2); rank 0's stay finite
+    result = fastcnn_train(["--nproc", "2", *SUBSET, "--output", str(out)], data_root, fault="1:70:nan",
+                           timeout=180)
+    assert result.returncode == 1, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("fastcnn: error: ")]
+    assert len(errors) == 1, result.stderr[-2000:]  # said once, by rank 0; no rank failed another way
+    assert "loss became nan" in errors[0] and "epoch 1" in errors[0] and "checkpoint" in errors[0]
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not (out / "summary.json").exists()
+
+
+class OtherRank:
+    """A DistributedContext stand-in for a world of two: all_max_ combines this rank's flags with ``flags`` of
+    the other rank, and counts the agreements."""
+
+    enabled = True
+
+    def __init__(self, signum=0, loss_code=0):
+        self.flags = torch.tensor([float(signum), float(loss_code)], dtype=torch.float64)
+        self.calls = 0
+
+    def all_max_(self, tensor):
+        self.calls += 1
+        return tensor.copy_(torch.maximum(tensor, self.flags))
+
+
+def progress_at(batches, loss_sum=1.0):
+    return EpochProgress(torch.tensor(loss_sum, dtype=torch.float64), torch.tensor(0), batches, 0.0, batches)
+
+
+def test_agreement_happens_every_50_steps_and_at_the_end_of_an_epoch_only():
+    other = OtherRank(signum=signal.SIGTERM)
+    agreement = StopAgreement(StopRequests(), other, torch.device("cpu"), steps_per_epoch=64)
+    for batches in (1, 2, 49, 51, 63):
+        agreement.after_step(progress_at(batches))
+    assert other.calls == 0  # the other rank's stop waits for the next agreement point
+    for batches in (50, 64):
+        with pytest.raises(Interrupted) as stopped:
+            agreement.after_step(progress_at(batches))
+        assert stopped.value.signum == signal.SIGTERM and stopped.value.exit_code == 143
+    assert other.calls == 2
+    with pytest.raises(Interrupted):
+        agreement.now()  # between epochs
+
+
+def test_agreement_on_divergence_comes_before_a_stop_and_names_nan_or_inf():
+    stop = StopRequests()
+    stop.signum = signal.SIGINT  # this rank was asked to stop...
+    agreement = StopAgreement(stop, OtherRank(loss_code=2), torch.device("cpu"), steps_per_epoch=64)
+    with pytest.raises(TrainingDivergedError, match="became nan"):  # ...but the other one diverged
+        agreement.after_step(progress_at(50))
+    agreement = StopAgreement(StopRequests(), OtherRank(), torch.device("cpu"), steps_per_epoch=64)
+    with pytest.raises(TrainingDivergedError, match="became inf"):  # this rank's own loss, seen by both
+        agreement.after_step(progress_at(50, loss_sum=math.inf))
+    agreement.after_step(progress_at(50))  # all finite, no signal: carry on
+
+
+def test_one_process_checks_its_own_stop_flag_after_every_step_without_collectives():
+    stop = StopRequests()
+    agreement = StopAgreement(stop, DistributedContext(), torch.device("cpu"), steps_per_epoch=64)
+    agreement.after_step(progress_at(1, loss_sum=math.nan))  # the loss is Trainer.train_epoch's to check here
+    stop.signum = signal.SIGINT
+    with pytest.raises(Interrupted) as stopped:
+        agreement.after_step(progress_at(2))
+    assert stopped.value.exit_code == 130
+
+
+def test_agreement_through_a_real_gloo_group_of_one():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        ctx = DistributedContext(0, 1, 0, "gloo")
+        assert ctx.enabled
+        stop = StopRequests()
+        agreement = StopAgreement(stop, ctx, torch.device("cpu"), steps_per_epoch=64)
+        agreement.after_step(progress_at(50))
+        with pytest.raises(TrainingDivergedError, match="nan"):
+            agreement.after_step(progress_at(64, loss_sum=math.nan))
+        stop.signum = signal.SIGTERM
+        with pytest.raises(Interrupted):
+            agreement.now()
+    finally:
+        dist.destroy_process_group()
 
 
 def test_batch_that_does_not_split_over_processes_is_refused():
@@ -61,3 +199,4 @@ def test_deterministic_runs_are_bitwise_identical(tmp_path, capsys):
     for key in first:
         assert torch.equal(first[key], second[key]), key
     assert not torch.are_deterministic_algorithms_enabled()  # the run put the global setting back
+
