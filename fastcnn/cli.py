@@ -127,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also evaluate every STEPS steps inside an epoch (its time is excluded from training time)")
     g.add_argument("--runs", type=int, default=1, help="train N times with seeds seed..seed+N-1; summary.json "
                    "holds means and standard deviations")
-    g.add_argument("--nproc", type=int, default=1, help="data parallel: run N processes with torchrun "
-                   "(DistributedDataParallel; -b is the global batch)")
+    g.add_argument("--nproc", type=int, help="data parallel: run N processes with torchrun "
+                   "(DistributedDataParallel; -b is the global batch; 1: DDP of one process)")
     g.add_argument("--deterministic", action="store_true", help="bitwise-repeatable runs (deterministic "
                    "algorithms only; slower, see README)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from fastcnn.train import run_training
 
-            if args.nproc != 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            if args.nproc is not None and "TORCHELASTIC_RUN_ID" not in os.environ:  # not already under torchrun
                 from fastcnn.distributed import launch, strip_nproc
 
                 return launch(args.nproc, strip_nproc(list(sys.argv[1:] if argv is None else argv)),

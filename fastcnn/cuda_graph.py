@@ -12,8 +12,15 @@ how it is met here:
 - warm-up before capture, on a side stream, so that cuDNN/Triton autotuning and torch.compile happen outside the
   graph; the warm-up's effect on parameters and optimizer state is undone in place (the graph keeps pointers).
 
+With DistributedDataParallel the graph holds the gradient all-reduces too (NCCL >= 2.9.6 can be captured), set up
+as PyTorch's CUDA-graphs notes ("Usage with DistributedDataParallel") ask: asynchronous NCCL error handling off
+before the process group exists (fastcnn.distributed), DDP built in a side stream (fastcnn.engine.Trainer), and
+at least 11 DDP-enabled eager iterations before capture (``DDP_WARMUP_STEPS``); warm-up and capture run in the
+stream DDP was built in. This is written but not yet run on a GPU.
+
 The configuration refuses what cannot be captured: float16 with a GradScaler (it checks for infinities on the
-host every step) and DistributedDataParallel (its gradient buckets would need a static graph).
+host every step), SGD with a tensor learning rate (read on the host), and compile modes that make graphs of
+their own.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 WARMUP_STEPS = 3
+DDP_WARMUP_STEPS = 11  # PyTorch's notes: DDP needs at least 11 eager iterations (its first ones do host work)
 
 
 class GraphedTrainStep:
@@ -33,7 +41,14 @@ class GraphedTrainStep:
         self.static_labels = labels.detach().clone()
         model_state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
         optimizer_state = snapshot_optimizer(trainer.optimizer)
-        side = torch.cuda.Stream()
+        # DistributedDataParallel: warm up and capture in the stream DDP was built in (its gradient hooks run
+        # there; one stream keeps the capture from spanning two), after its 11 eager iterations. Every rank runs
+        # the same steps here, so their all-reduces pair up.
+        ddp_stream = getattr(trainer, "graph_stream", None)
+        if getattr(trainer, "distributed", False):
+            warmup_steps = max(warmup_steps, DDP_WARMUP_STEPS)
+        self.warmup_steps = warmup_steps
+        side = ddp_stream if ddp_stream is not None else torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(warmup_steps):
@@ -47,7 +62,7 @@ class GraphedTrainStep:
         restore_optimizer_in_place(trainer.optimizer, optimizer_state)
         trainer.optimizer.zero_grad(set_to_none=True)  # backward inside the graph allocates its own .grad
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, stream=ddp_stream):  # None: torch's own capture stream, as before
             self.static_loss, self.static_logits = self._step()
         torch.cuda.synchronize()
 

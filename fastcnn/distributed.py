@@ -3,7 +3,8 @@
 ``torchrun --nproc-per-node N -m fastcnn train ...`` starts N processes; each reads RANK / WORLD_SIZE /
 LOCAL_RANK from its environment (``DistributedContext.from_env``), trains on its own shard of every epoch with
 DistributedDataParallel, and only rank 0 writes logs, checkpoints and the summary. ``fastcnn train --nproc N``
-runs that torchrun command for you.
+runs that torchrun command for you (``--nproc 1``: DistributedDataParallel of one process, which checks the
+data-parallel path on one GPU).
 
 Every rank must make the same collective calls in the same order, or the others wait in an all-reduce forever.
 So a rank never stops on its own: stop requests (SIGINT/SIGTERM) and non-finite losses are agreed on by all ranks
@@ -39,15 +40,20 @@ class DistributedContext:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls, device_type: str) -> DistributedContext:
-        """Join the process group torchrun set up (a no-op context when not started by torchrun)."""
+    def from_env(cls, device_type: str, *, cuda_graph: bool = False) -> DistributedContext:
+        """Join the process group torchrun set up (a no-op context when not started by torchrun).
+        ``cuda_graph``: the training step will be captured with its NCCL all-reduces (see fastcnn.cuda_graph)."""
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size <= 1:
+        if world_size <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:  # torchrun sets it, even for one process
             return cls()
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)  # so that "cuda" means this process's GPU
+            if cuda_graph:
+                # PyTorch's CUDA-graphs notes, "Usage with DistributedDataParallel", NCCL >= 2.9.6, step 1: no
+                # asynchronous NCCL error handling when collectives are captured (set before the group exists).
+                os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
         if not dist.is_initialized():
             dist.init_process_group(backend=backend)
         return cls(rank, world_size, local_rank, backend)

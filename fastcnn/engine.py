@@ -130,12 +130,27 @@ class Trainer:
         # float16 needs loss scaling to keep small gradients; bfloat16 has fp32's range and does not.
         self.scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
         train_model = self.model
+        self.distributed = distributed
+        self.graph_stream = None  # with cuda_graph and distributed: the stream DDP was built in (capture's too)
         if distributed:
             from torch.nn.parallel import DistributedDataParallel
 
             # "cuda" means this rank's GPU (set by DistributedContext): name it, or DDP would use cuda:0.
-            train_model = DistributedDataParallel(self.model, device_ids=[torch.cuda.current_device()]
-                                                  if device.type == "cuda" else None)
+            device_ids = [torch.cuda.current_device()] if device.type == "cuda" else None
+            if cuda_graph:
+                # PyTorch's CUDA-graphs notes, "Usage with DistributedDataParallel" (NCCL >= 2.9.6): DDP must be
+                # built in a side stream for its all-reduces to be captured with the backward pass. The graph
+                # warms up and captures in this same stream (fastcnn.cuda_graph). Defaults otherwise, as in the
+                # notes: every parameter gets a gradient every step (so neither find_unused_parameters nor
+                # static_graph), and gradients stay tensors of their own, allocated by the capture (no
+                # gradient_as_bucket_view).
+                self.graph_stream = torch.cuda.Stream()
+                self.graph_stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(self.graph_stream):
+                    train_model = DistributedDataParallel(self.model, device_ids=device_ids)
+                torch.cuda.current_stream().wait_stream(self.graph_stream)
+            else:
+                train_model = DistributedDataParallel(self.model, device_ids=device_ids)
         self.forward_model = torch.compile(train_model, mode=compile_mode) if compile else train_model
         # Evaluation runs on the plain module: no gradient buckets to sync, same weights on every rank.
         self.eval_model = self.forward_model if not distributed else (

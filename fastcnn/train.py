@@ -31,7 +31,7 @@ from fastcnn.config import ResolvedConfig, TrainConfig, resolve
 from fastcnn.data import ImageDataset, load_dataset, make_loader
 from fastcnn.distributed import DistributedContext, per_rank_batch_size
 from fastcnn.engine import PROGRESS_REFRESH_STEPS, EpochProgress, EpochStats, Trainer, check_finite, synchronize
-from fastcnn.errors import FastcnnError, TrainingDivergedError, UsageError
+from fastcnn.errors import FastcnnError, NotAvailableError, TrainingDivergedError, UsageError
 from fastcnn.models import build_model
 from fastcnn.report import EPOCH_COLUMNS, format_table, plot_curves, write_json, write_metrics
 
@@ -201,8 +201,9 @@ def build_loaders(rc: ResolvedConfig, train_set: ImageDataset, test_set: ImageDa
 
 
 def build_trainer(rc: ResolvedConfig, train_set: ImageDataset, test_set: ImageDataset, *, rank: int = 0,
-                  world_size: int = 1):
-    """Model (seeded), optimizer and loaders for ``rc``: everything a run needs before its first step."""
+                  world_size: int = 1, distributed: bool | None = None):
+    """Model (seeded), optimizer and loaders for ``rc``: everything a run needs before its first step.
+    ``distributed``: wrap the model in DistributedDataParallel (default: when world_size > 1)."""
     train_loader, test_loader = build_loaders(rc, train_set, test_set, rank=rank, world_size=world_size)
     torch.manual_seed(rc.seed)
     model = build_model(rc.model, kernel=rc.kernel, reference_impl=rc.reference_model,
@@ -210,7 +211,8 @@ def build_trainer(rc: ResolvedConfig, train_set: ImageDataset, test_set: ImageDa
     trainer = Trainer(model, device=rc.torch_device, opt=rc.opt, lr=rc.lr, amp_dtype=rc.autocast_dtype,
                       channels_last=rc.channels_last, compile=rc.compile, compile_mode=rc.compile_mode,
                       betas=rc.betas, label_smoothing=rc.label_smoothing, schedule=rc.schedule,
-                      total_steps=rc.epochs * len(train_loader), distributed=world_size > 1,
+                      total_steps=rc.epochs * len(train_loader),
+                      distributed=world_size > 1 if distributed is None else distributed,
                       cuda_graph=rc.cuda_graph)
     return trainer, train_loader, test_loader
 
@@ -294,7 +296,7 @@ def _run_single(cfg: TrainConfig, stream, datasets) -> dict:
     started = time.perf_counter()
     rc, (train_set, test_set, output), resume_state = _prepare(
         cfg, datasets, several_processes=int(os.environ.get("WORLD_SIZE", "1")) > 1)
-    ctx = DistributedContext.from_env(rc.torch_device.type)
+    ctx = DistributedContext.from_env(rc.torch_device.type, cuda_graph=rc.cuda_graph)
     try:
         return _train(cfg, rc, ctx, train_set, test_set, output, resume_state, started, stream)
     finally:
@@ -304,11 +306,12 @@ def _run_single(cfg: TrainConfig, stream, datasets) -> dict:
 def _train(cfg: TrainConfig, rc: ResolvedConfig, ctx: DistributedContext, train_set: ImageDataset,
            test_set: ImageDataset, output: pathlib.Path, resume_state: dict | None, started: float, stream) -> dict:
     main = ctx.is_main  # only rank 0 writes files and prints
-    if ctx.enabled and rc.cuda_graph:
-        raise UsageError("--cuda-graph is not supported with several processes yet (DistributedDataParallel's "
-                         "gradient buckets would need a static graph); drop --cuda-graph or --nproc")
+    if ctx.enabled and rc.cuda_graph and ctx.backend == "nccl" and tuple(torch.cuda.nccl.version()[:3]) < (2, 9, 6):
+        raise NotAvailableError(f"--cuda-graph with several processes needs NCCL 2.9.6 or later to capture the "
+                                f"gradient all-reduces; this PyTorch has NCCL {torch.cuda.nccl.version()}; drop "
+                                "--cuda-graph or --nproc")
     trainer, train_loader, test_loader = build_trainer(rc, train_set, test_set, rank=ctx.rank,
-                                                       world_size=ctx.world_size)
+                                                       world_size=ctx.world_size, distributed=ctx.enabled)
     history: list[dict] = []
     evals: list[dict] = []  # every test evaluation: when (training seconds) and how good
     start_epoch, start_batch, partial, train_seconds, previous_eval_seconds = 0, 0, None, 0.0, 0.0

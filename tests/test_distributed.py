@@ -1,4 +1,5 @@
-"""Data parallel on CPU (gloo), ranks agreeing on stops and divergence, and deterministic runs."""
+"""Data parallel on CPU (gloo), ranks agreeing on stops and divergence, DDP with CUDA graphs (GPU only), and
+deterministic runs."""
 
 import json
 import math
@@ -200,3 +201,45 @@ def test_deterministic_runs_are_bitwise_identical(tmp_path, capsys):
         assert torch.equal(first[key], second[key]), key
     assert not torch.are_deterministic_algorithms_enabled()  # the run put the global setting back
 
+
+def test_torchrun_with_one_process_joins_a_process_group_of_one(monkeypatch):
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    for name, value in dict(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert not DistributedContext.from_env("cpu").enabled  # a plain process, whatever WORLD_SIZE says
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")  # torchrun's mark (fastcnn train --nproc 1)
+    ctx = DistributedContext.from_env("cpu")
+    try:
+        assert ctx.enabled and (ctx.world_size, ctx.backend) == (1, "gloo")
+    finally:
+        ctx.shutdown()
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.gpu
+@requires_cuda
+def test_ddp_with_cuda_graph_learns_like_a_single_process_cuda_graph_run(tmp_path, nproc):
+    """DistributedDataParallel inside the captured step (fastcnn.cuda_graph): --nproc 1 is DDP of one process, so
+    one GPU runs the whole data-parallel path."""
+    if torch.cuda.device_count() < nproc:
+        pytest.skip(f"needs {nproc} GPUs")
+    args = ["--dataset", "synthetic", "--synthetic-size", "8192,2048", "--device", "cuda", "--cuda-graph",
+            "--no-compile", "--kernel", "torch", "-b", "128", "--epochs", "2", "--no-progress"]
+    result = fastcnn_train(["--nproc", str(nproc), *args, "--output", str(tmp_path / "ddp")], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = fastcnn_train([*args, "--output", str(tmp_path / "single")], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    single = json.loads((tmp_path / "single" / "summary.json").read_text())
+    assert ddp["distributed"]["world_size"] == nproc and ddp["distributed"]["parameters_in_sync"]
+    assert ddp["config"]["cuda_graph"] and "distributed" not in single
+    assert abs(ddp["test_acc"] - single["test_acc"]) <= 0.5, (ddp["test_acc"], single["test_acc"])
