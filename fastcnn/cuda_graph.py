@@ -4,7 +4,8 @@ A training step of a small CNN launches dozens of small kernels; on a fast GPU t
 the arithmetic, sets the pace. Replaying one captured graph launches them all at once. What capture needs, and
 how it is met here:
 - static memory: each batch is copied into the graph's own input buffers (DeviceLoader and DALI batches may be
-  memory they reuse), and the outputs (loss, logits) live in the graph's buffers until the next replay;
+  memory they reuse), and the outputs (loss, number of correct predictions: the graph counts them too, so a
+  replayed step needs no other kernel) live in the graph's buffers until the next replay;
 - no host synchronization inside the step: the optimizer is built with ``capturable=True`` and a learning rate
   that is a device tensor, which schedules overwrite in place between replays, so a schedule needs no recapture;
 - one shape: a batch of another shape (the last, smaller batch of an epoch) runs eagerly on the same
@@ -27,6 +28,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from fastcnn.engine import count_correct
 
 WARMUP_STEPS = 3
 DDP_WARMUP_STEPS = 11  # PyTorch's notes: DDP needs at least 11 eager iterations (its first ones do host work)
@@ -63,7 +66,7 @@ class GraphedTrainStep:
         trainer.optimizer.zero_grad(set_to_none=True)  # backward inside the graph allocates its own .grad
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, stream=ddp_stream):  # None: torch's own capture stream, as before
-            self.static_loss, self.static_logits = self._step()
+            self.static_loss, self.static_correct = self._step()
         torch.cuda.synchronize()
 
     def _step(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +76,7 @@ class GraphedTrainStep:
             loss = F.cross_entropy(logits, self.static_labels, label_smoothing=trainer.label_smoothing)
         loss.backward()
         trainer.optimizer.step()
-        return loss.detach(), logits.detach()
+        return loss.detach(), count_correct(logits.detach(), self.static_labels)
 
     def accepts(self, images: torch.Tensor, labels: torch.Tensor) -> bool:
         """Whether this batch fits the captured buffers (same shapes, strides and dtypes)."""
@@ -85,7 +88,7 @@ class GraphedTrainStep:
         self.static_images.copy_(images)
         self.static_labels.copy_(labels)
         self.graph.replay()
-        return self.static_loss, self.static_logits
+        return self.static_loss, self.static_correct
 
 
 def snapshot_optimizer(optimizer: torch.optim.Optimizer) -> dict:

@@ -162,7 +162,8 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step on a batch. Returns (loss, logits) as device tensors, without synchronizing.
+        """One optimizer step on a batch. Returns (loss, correct): the batch's mean loss and how many of its
+        predictions were right, 0-dim device tensors, without synchronizing.
 
         With ``cuda_graph``, the first batch's shape is captured as a CUDA graph and every batch of that shape
         replays it (the returned tensors are the graph's: valid until the next step); others run eagerly."""
@@ -194,7 +195,7 @@ class Trainer:
             self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
-        return loss.detach(), logits.detach()
+        return loss.detach(), count_correct(logits.detach(), labels)
 
     def train_epoch(self, loader, *, progress: EpochProgress | None = None, bar=None,
                     on_batch=None, eval_every: int = 0, on_eval=None, check_loss: bool = True) -> EpochStats:
@@ -214,10 +215,12 @@ class Trainer:
         started = time.perf_counter()
         clock_base = progress.seconds
         for images, labels in loader:
-            loss, logits = self.train_step(images, labels)
+            loss, correct = self.train_step(images, labels)
             count = labels.shape[0]
-            progress.loss_sum += loss.double() * count
-            progress.correct += (logits.argmax(1) == labels).sum()
+            # Two in-place adds per step (float64 sum of loss * count, as loss.double() * count would round):
+            # on a GPU each op is a launch, and a graph-replayed step is otherwise just one.
+            progress.loss_sum.add_(loss, alpha=count)
+            progress.correct.add_(correct)
             progress.samples += count
             progress.batches += 1
             if bar is not None:
@@ -314,6 +317,11 @@ class Trainer:
         torch.set_rng_state(rng_state)
         synchronize(self.device)
         return time.perf_counter() - started
+
+
+def count_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """How many rows of ``logits`` rank their label first (a 0-dim int64 device tensor)."""
+    return (logits.argmax(1) == labels).sum()
 
 
 def check_finite(value: float, where: str) -> None:

@@ -168,8 +168,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, mon
 
     def poisoned_step(self, images, labels):
         calls["n"] += 1
-        loss, logits = real_step(self, images, labels)
-        return (loss * float("nan"), logits) if calls["n"] > 15 else (loss, logits)
+        loss, correct = real_step(self, images, labels)
+        return (loss * float("nan"), correct) if calls["n"] > 15 else (loss, correct)
 
     monkeypatch.setattr(Trainer, "train_step", poisoned_step)
     code, err = run(["train", *SMALL, "-b", "64", "--epochs", "3", "--output", str(out)], capsys)
@@ -183,7 +183,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, mon
 def test_nan_in_the_first_epoch_leaves_no_folder(tmp_path, capsys, monkeypatch):
     real_step = Trainer.train_step
     monkeypatch.setattr(Trainer, "train_step",
-                        lambda self, x, y: (lambda loss, logits: (loss * float("nan"), logits))(*real_step(self, x, y)))
+                        lambda self, x, y: (lambda loss, hits: (loss * float("nan"), hits))(*real_step(self, x, y)))
     code, err = run(["train", *SMALL, "--output", str(tmp_path / "run")], capsys)
     assert code == 1
     assert_one_line_error(err, "nothing was saved")
