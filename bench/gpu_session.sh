@@ -12,7 +12,8 @@
 #
 # (install again in each call: a machine given back in between starts bare.) Stages:
 #   install   pip install -e . without touching torch; `fastcnn env`
-#   tests     the whole test suite with compiled kernels (TRITON_INTERPRET=0): CUDA correctness, GPU tests
+#   tests     the GPU-marked tests, then the kernel/accelerate tests on CUDA tensors, with compiled kernels
+#             (TRITON_INTERPRET=0)
 #   kernels   bench/test_bench_conv_relu_pool.py: fused vs cuDNN (all shapes) and vs torch.compile max-autotune
 #             (bf16 only: each compile takes long), peak memory; then bench/kernel_report.py's verdicts
 #   ablation  "${fastcnn[@]}" bench --ablation at batch 64 and 512 (images/s, speed-ups, peak memory, chart)
@@ -60,7 +61,13 @@ run_install() {
 }
 
 run_tests() {
-  stage tests 420 $py -m pytest -q -p no:cacheprovider "${per_test_limit[@]}" tests --junitxml="$work/tests.xml" -rs
+  # GPU-only tests first (CUDA graphs, DDP, DALI GPU, kernel choice), then the kernel and accelerate tests, which
+  # run on CUDA tensors when a GPU is visible; the other tests are CPU tests that CI runs anyway.
+  stage gpu-tests 300 $py -m pytest -q -p no:cacheprovider "${per_test_limit[@]}" -m gpu tests \
+    --junitxml="$work/gpu-tests.xml" -rs
+  stage kernel-tests 300 $py -m pytest -q -p no:cacheprovider "${per_test_limit[@]}" -m "not gpu" \
+    tests/test_conv_relu_pool.py tests/test_accelerate.py tests/test_kernel_choice.py tests/test_cuda_graph.py \
+    --junitxml="$work/kernel-tests.xml" -rs
 }
 
 run_kernels() {
