@@ -105,7 +105,8 @@ def time_steps(rc: ResolvedConfig, train_set, test_set, *, steps: int, warmup: i
     return dict(ms_per_step=step * 1e3, ms_per_step_p20=_quantile(times, 0.2) * 1e3,
                 ms_per_step_p80=_quantile(times, 0.8) * 1e3, images_per_second=statistics.median(rates),
                 compile_seconds=compile_seconds, peak_memory_mb=_peak_mb(device),
-                kernel_choices=[timing.to_dict() for timing in trainer.kernel_timings])
+                kernel_choices=[timing.to_dict() for timing in trainer.kernel_timings],
+                cuda_graph=trainer.graph_status)
 
 
 def time_epoch(rc: ResolvedConfig, train_set, test_set) -> dict:
@@ -119,7 +120,8 @@ def time_epoch(rc: ResolvedConfig, train_set, test_set) -> dict:
     return dict(epoch_seconds=stats.seconds, images_per_second=stats.images_per_second,
                 ms_per_step=1e3 * stats.seconds / max(len(train_loader), 1), test_acc=test_acc,
                 compile_seconds=compile_seconds, peak_memory_mb=_peak_mb(rc.torch_device),
-                kernel_choices=[timing.to_dict() for timing in trainer.kernel_timings])
+                kernel_choices=[timing.to_dict() for timing in trainer.kernel_timings],
+                cuda_graph=trainer.graph_status)
 
 
 def _quantile(values: list[float], q: float) -> float:

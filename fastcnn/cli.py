@@ -99,7 +99,7 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
     g.add_argument("--compile-mode", choices=COMPILE_MODES, help="torch.compile mode (default: default)")
     g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
-                   help="capture the whole training step as a CUDA graph")
+                   help="capture the whole training step as a CUDA graph (default: on in the fast preset on CUDA)")
     g.add_argument("--kernel", choices=KERNEL_CHOICES, help="Conv-ReLU-Pool implementation: triton (fused), torch "
                    "(cuDNN/aten chain) or auto (the faster one here)")
     g.add_argument("--workers", dest="num_workers", type=int, default=0,

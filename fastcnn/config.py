@@ -6,7 +6,9 @@ Presets:
   model class, eager fp32, contiguous NCHW.
 - ``fast``: what measurably helps on the device. CPU (2 cores, measured in DESIGN.md and the README): device-
   resident data, channels-last, bf16 autocast; torch.compile stays off there because it was slower. CUDA: the
-  same plus torch.compile and the fused Triton kernel.
+  same plus torch.compile, the fused Triton kernel (``kernel="auto"``: where measured faster) and whole-step CUDA
+  graphs, unless the run asks for something a graph cannot capture (float16, SGD, a compile mode with graphs of
+  its own): then the preset leaves graphs off, where an explicit ``--cuda-graph`` would be refused.
 Explicit flags always override the preset.
 """
 
@@ -148,7 +150,7 @@ def preset_defaults(preset: str, device: str) -> dict:
         return dict(loader="torch", amp=False, channels_last=False, compile=False, cuda_graph=False,
                     kernel="torch", reference_model=True)
     on_gpu = device == "cuda"
-    return dict(loader="device", amp=True, channels_last=True, compile=on_gpu, cuda_graph=False,
+    return dict(loader="device", amp=True, channels_last=True, compile=on_gpu, cuda_graph=on_gpu,
                 kernel="auto", reference_model=False)
 
 
@@ -217,6 +219,9 @@ def resolve(cfg: TrainConfig) -> ResolvedConfig:
     _require(not cfg.flip or cfg.augment, "--flip is a kind of augmentation: add --augment")
     _require(not cfg.augment or chosen["loader"] == "dali",
              "--augment is done by the DALI loader on the device: add --loader dali")
+    if chosen["cuda_graph"] and cfg.cuda_graph is None and cuda_graph_conflict(chosen, device, amp_dtype, opt,
+                                                                                compile_mode):
+        chosen["cuda_graph"] = False  # the preset's default yields to what was asked; --cuda-graph would be refused
     _check_available(chosen, device, amp_dtype, opt, compile_mode)
     return ResolvedConfig(
         model=spec.name, dataset=dataset, data_dir=cfg.data_dir, download=cfg.download, epochs=epochs,
@@ -243,20 +248,27 @@ def apply_recipe(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, **{k: v for k, v in chosen.items() if getattr(cfg, k) is None})
 
 
+def cuda_graph_conflict(chosen: dict, device: str, amp_dtype: str, opt: str, compile_mode: str) -> str | None:
+    """Why a whole-step CUDA graph cannot capture this run, as a sentence ending in what to do; None if it can."""
+    if device != "cuda":
+        return "--cuda-graph needs a CUDA GPU (this run is on the CPU); drop the flag"
+    if chosen["amp"] and amp_dtype == "float16":
+        return ("--cuda-graph cannot capture float16 training: its GradScaler checks for infinities on the host "
+                "every step; use --amp-dtype bfloat16 or --no-amp")
+    if opt == "sgd":
+        return "--cuda-graph needs --opt adam: SGD with a tensor learning rate reads it on the host every step"
+    if chosen["compile"] and compile_mode not in ("default", "max-autotune-no-cudagraphs"):
+        return (f"--compile-mode {compile_mode} makes CUDA graphs of its own; with --cuda-graph use --compile-mode "
+                "default or max-autotune-no-cudagraphs")
+    return None
+
+
 def _check_available(chosen: dict, device: str, amp_dtype: str, opt: str, compile_mode: str) -> None:
     """Fail with a clear message, before any work, for options this build or this machine cannot run."""
     if chosen["cuda_graph"]:
-        if device != "cuda":
-            raise NotAvailableError("--cuda-graph needs a CUDA GPU (this run is on the CPU); drop the flag")
-        if chosen["amp"] and amp_dtype == "float16":
-            raise NotAvailableError("--cuda-graph cannot capture float16 training: its GradScaler checks for "
-                                    "infinities on the host every step; use --amp-dtype bfloat16 or --no-amp")
-        if opt == "sgd":
-            raise NotAvailableError("--cuda-graph needs --opt adam: SGD with a tensor learning rate reads it on "
-                                    "the host every step")
-        if chosen["compile"] and compile_mode not in ("default", "max-autotune-no-cudagraphs"):
-            raise NotAvailableError(f"--compile-mode {compile_mode} makes CUDA graphs of its own; with --cuda-graph "
-                                    "use --compile-mode default or max-autotune-no-cudagraphs")
+        conflict = cuda_graph_conflict(chosen, device, amp_dtype, opt, compile_mode)
+        if conflict:
+            raise NotAvailableError(conflict)
     if chosen["loader"] == "dali":
         from fastcnn.data.dali_status import dali_status
 

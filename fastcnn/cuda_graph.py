@@ -53,17 +53,20 @@ class GraphedTrainStep:
         self.warmup_steps = warmup_steps
         side = ddp_stream if ddp_stream is not None else torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup_steps):
-                trainer.optimizer.zero_grad(set_to_none=True)
-                self._step()
-        torch.cuda.current_stream().wait_stream(side)
-        # Undo the warm-up in place (same tensors), so that capture starts from the caller's state.
-        with torch.no_grad():
-            for key, value in trainer.model.state_dict().items():
-                value.copy_(model_state[key])
-        restore_optimizer_in_place(trainer.optimizer, optimizer_state)
-        trainer.optimizer.zero_grad(set_to_none=True)  # backward inside the graph allocates its own .grad
+        try:
+            with torch.cuda.stream(side):
+                for _ in range(warmup_steps):
+                    trainer.optimizer.zero_grad(set_to_none=True)
+                    self._step()
+        finally:  # also when warm-up fails: the trainer then goes on eagerly from the caller's state
+            torch.cuda.current_stream().wait_stream(side)
+            # Undo the warm-up in place (same tensors), so that capture starts from the caller's state.
+            with torch.no_grad():
+                for key, value in trainer.model.state_dict().items():
+                    value.copy_(model_state[key])
+            restore_optimizer_in_place(trainer.optimizer, optimizer_state)
+            trainer.optimizer.zero_grad(set_to_none=True)  # backward inside the graph allocates its own .grad
+        # A failed capture changes nothing: captured kernels do not run, so parameters and optimizer state stay.
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, stream=ddp_stream):  # None: torch's own capture stream, as before
             self.static_loss, self.static_correct = self._step()

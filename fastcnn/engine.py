@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -119,6 +120,8 @@ class Trainer:
         if cuda_graph and device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.cuda_graph = cuda_graph
+        # "off", "on" (not captured yet), "captured", or why capture failed (training then runs eagerly)
+        self.graph_status = "on" if cuda_graph else "off"
         self.compile = compile
         self.kernel_timings = []  # fastcnn.kernel_choice.KernelTiming per measured call, filled by warm_up
         self.graphed_step = None  # captured at the first full batch (fastcnn.cuda_graph.GraphedTrainStep)
@@ -172,13 +175,27 @@ class Trainer:
         if self.graphed_step is None:
             from fastcnn.cuda_graph import GraphedTrainStep
 
-            self.graphed_step = GraphedTrainStep(self, images, labels)
+            try:
+                self.graphed_step = GraphedTrainStep(self, images, labels)
+            except Exception as failure:  # any capture failure: train on, eagerly, and say so
+                self._capture_failed(failure)
+                return self.eager_step(images, labels)
+            self.graph_status = "captured"
         if not self.graphed_step.accepts(images, labels):
             return self.eager_step(images, labels)
         result = self.graphed_step.replay(images, labels)
         if self.scheduler is not None:
             self.scheduler.step()  # on the host, outside the graph: it overwrites the lr tensor in place
         return result
+
+    def _capture_failed(self, failure: Exception) -> None:
+        """Whole-step graphs are a speed option: when capture fails, the run goes on with eager steps (same
+        results, slower), and says so once here and in its summary (``graph_status``)."""
+        self.cuda_graph = False
+        reason = f"{type(failure).__name__}: {' '.join(str(failure).split())[:300]}"
+        self.graph_status = f"capture failed ({reason}); eager steps"
+        print(f"fastcnn: warning: the CUDA graph capture failed ({reason}); training goes on without it",
+              file=sys.stderr)
 
     def eager_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step, op by op."""

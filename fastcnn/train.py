@@ -440,7 +440,7 @@ def _train(cfg: TrainConfig, rc: ResolvedConfig, ctx: DistributedContext, train_
         warmup_seconds=warmup_seconds, eval_seconds=eval_seconds,
         images_per_second=samples / train_seconds if train_seconds > 0 else None,
         target_acc=rc.target_acc, time_to_target=time_to_target, evals=evals,
-        kernel_choices=[timing.to_dict() for timing in trainer.kernel_timings],
+        kernel_choices=[timing.to_dict() for timing in trainer.kernel_timings], cuda_graph=trainer.graph_status,
         config=config_dict(rc), device_name=env.device_name(rc.torch_device), versions=env.versions(),
         git_commit=env.git_commit(), output=str(output), command=" ".join(sys.argv),
         finished_at=datetime.datetime.now().isoformat(timespec="seconds"))

@@ -74,6 +74,7 @@ def test_graph_replayed_steps_give_the_same_parameters_as_eager_steps(schedule):
         loss_e, _ = eager.train_step(images, labels)
         loss_g, _ = graphed.train_step(images, labels)
         torch.testing.assert_close(loss_g, loss_e, rtol=1e-5, atol=1e-6)
+    assert graphed.graph_status == "captured" and eager.graph_status == "off"
     for (name, p_e), p_g in zip(eager.model.named_parameters(), graphed.model.parameters(), strict=True):
         torch.testing.assert_close(p_g, p_e, rtol=1e-5, atol=1e-6, msg=name)
 
@@ -87,4 +88,58 @@ def test_graph_with_compile_and_fused_kernel_and_bf16_trains():
     loader = DeviceLoader(synthetic_dataset(2048), 64, device="cuda", mean=0.13, std=0.31, channels_last=True,
                           dtype=torch.bfloat16)
     losses = [float(trainer.train_step(x, y)[0]) for x, y in loader]
+    assert trainer.graph_status == "captured"
     assert losses[-1] < losses[0]
+
+
+def test_a_failed_capture_falls_back_to_eager_steps_from_the_same_state(monkeypatch, capsys):
+    # Runs on CPU: the graph class is replaced by one whose capture fails after changing the weights, as a warm-up
+    # that breaks half-way would; the trainer must go on eagerly from the state before it, and say so.
+    import fastcnn.cuda_graph
+
+    torch.manual_seed(0)
+    model = build_model("simplecnn", kernel="torch")
+    reference = Trainer(copy.deepcopy(model), device=torch.device("cpu"))
+    trainer = Trainer(copy.deepcopy(model), device=torch.device("cpu"))
+    trainer.cuda_graph, trainer.graph_status = True, "on"  # as if built for a GPU
+
+    class BrokenCapture:
+        def __init__(self, owner, images, labels):
+            snapshot = {k: v.clone() for k, v in owner.model.state_dict().items()}
+            try:
+                owner.eager_step(images, labels)  # "warm-up" that changes the weights, then fails
+                raise RuntimeError("operation not permitted when stream is capturing")
+            finally:
+                owner.model.load_state_dict(snapshot)
+                owner.optimizer.state.clear()
+
+    monkeypatch.setattr(fastcnn.cuda_graph, "GraphedTrainStep", BrokenCapture)
+    loader = DeviceLoader(synthetic_dataset(96), 32, mean=0.13, std=0.31)
+    for images, labels in loader:
+        loss_r, correct_r = reference.train_step(images, labels)
+        loss_t, correct_t = trainer.train_step(images, labels)
+        assert torch.equal(loss_t, loss_r) and torch.equal(correct_t, correct_r)
+    assert not trainer.cuda_graph and trainer.graph_status.startswith("capture failed (RuntimeError")
+    assert capsys.readouterr().err.count("CUDA graph capture failed") == 1
+    for p_r, p_t in zip(reference.model.parameters(), trainer.model.parameters(), strict=True):
+        assert torch.equal(p_r, p_t)
+
+
+def test_fast_preset_turns_graphs_on_for_cuda_unless_the_run_asks_for_what_cannot_be_captured(monkeypatch):
+    from fastcnn import config
+    from fastcnn.config import TrainConfig, resolve
+    from fastcnn.errors import NotAvailableError
+
+    assert config.preset_defaults("fast", "cuda")["cuda_graph"] is True
+    assert config.preset_defaults("fast", "cpu")["cuda_graph"] is False
+    assert config.preset_defaults("reference", "cuda")["cuda_graph"] is False
+    # No GPU here: answer what resolve would ask one.
+    monkeypatch.setattr(config, "pick_device", lambda requested: "cuda")
+    monkeypatch.setattr(config, "default_amp_dtype", lambda device: "bfloat16")
+    base = dict(device="cuda", dataset="synthetic")
+    assert resolve(TrainConfig(**base)).cuda_graph
+    for conflict in (dict(opt="sgd"), dict(amp_dtype="float16"), dict(compile_mode="reduce-overhead")):
+        assert not resolve(TrainConfig(**base, **conflict)).cuda_graph, conflict  # the default yields...
+        with pytest.raises(NotAvailableError, match="--cuda-graph"):  # ...an explicit request is refused
+            resolve(TrainConfig(**base, **conflict, cuda_graph=True))
+    assert not resolve(TrainConfig(**base, cuda_graph=False)).cuda_graph

@@ -241,5 +241,6 @@ def test_ddp_with_cuda_graph_learns_like_a_single_process_cuda_graph_run(tmp_pat
     ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     single = json.loads((tmp_path / "single" / "summary.json").read_text())
     assert ddp["distributed"]["world_size"] == nproc and ddp["distributed"]["parameters_in_sync"]
-    assert ddp["config"]["cuda_graph"] and "distributed" not in single
+    assert ddp["cuda_graph"] == single["cuda_graph"] == "captured"  # not a silent fallback to eager steps
+    assert "distributed" not in single
     assert abs(ddp["test_acc"] - single["test_acc"]) <= 0.5, (ddp["test_acc"], single["test_acc"])
