@@ -68,8 +68,19 @@ class GraphedTrainStep:
             trainer.optimizer.zero_grad(set_to_none=True)  # backward inside the graph allocates its own .grad
         # A failed capture changes nothing: captured kernels do not run, so parameters and optimizer state stay.
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, stream=ddp_stream):  # None: torch's own capture stream, as before
-            self.static_loss, self.static_correct = self._step()
+        caller_stream = torch.cuda.current_stream()
+        try:
+            with torch.cuda.graph(self.graph, stream=ddp_stream):  # None: torch's own capture stream, as before
+                self.static_loss, self.static_correct = self._step()
+        except BaseException as failure:
+            # When capture_end() itself raises (an invalidated capture), torch.cuda.graph never leaves its stream
+            # context: put the caller's stream back, so that later eager work does not run on the capture stream.
+            torch.cuda.set_stream(caller_stream)
+            cause = failure.__context__  # an invalidated capture hides the error that invalidated it
+            if cause is not None and not isinstance(failure, KeyboardInterrupt):
+                raise RuntimeError(f"{type(cause).__name__}: {cause} (then {type(failure).__name__}: "
+                                   f"{failure})") from failure
+            raise
         torch.cuda.synchronize()
 
     def _step(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -178,6 +178,11 @@ class Trainer:
             try:
                 self.graphed_step = GraphedTrainStep(self, images, labels)
             except Exception as failure:  # any capture failure: train on, eagerly, and say so
+                if self.distributed:
+                    # Not with several processes: the other ranks' warm-up and captured all-reduces would no
+                    # longer pair with this rank's eager ones. Fail; torchrun then stops every worker.
+                    raise RuntimeError(f"the CUDA graph capture failed on this rank ({type(failure).__name__}: "
+                                       f"{failure}); rerun with --no-cuda-graph") from failure
                 self._capture_failed(failure)
                 return self.eager_step(images, labels)
             self.graph_status = "captured"
@@ -189,9 +194,14 @@ class Trainer:
         return result
 
     def _capture_failed(self, failure: Exception) -> None:
-        """Whole-step graphs are a speed option: when capture fails, the run goes on with eager steps (same
-        results, slower), and says so once here and in its summary (``graph_status``)."""
+        """Whole-step graphs are a speed option: when capture fails in a single-process run, the run goes on with
+        eager steps (same results, slower), and says so once here and in its summary (``graph_status``)."""
         self.cuda_graph = False
+        if self.device.type == "cuda":
+            try:
+                torch.cuda.synchronize(self.device)  # let what the warm-up queued finish before eager steps
+            except RuntimeError:
+                pass
         reason = f"{type(failure).__name__}: {' '.join(str(failure).split())[:300]}"
         self.graph_status = f"capture failed ({reason}); eager steps"
         print(f"fastcnn: warning: the CUDA graph capture failed ({reason}); training goes on without it",

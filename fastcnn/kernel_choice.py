@@ -204,10 +204,22 @@ def choose_kernels(model: nn.Module, train_batches: Iterable[torch.Tensor] = (),
             model.train(was_training)
 
     timings = []
-    for name, module, key in record_calls(model, run_model):
-        runs = _contestants(module, key, first.device, compile)
-        timing = KernelTiming(name, key, fused_ms=timer(runs["triton"], first.device),
-                              torch_ms=timer(runs["torch"], first.device))
-        module.kernel_choices[key] = timing.choice
-        timings.append(timing)
+    with _room_for_recompiles(compile):
+        for name, module, key in record_calls(model, run_model):
+            runs = _contestants(module, key, first.device, compile)
+            timing = KernelTiming(name, key, fused_ms=timer(runs["triton"], first.device),
+                                  torch_ms=timer(runs["torch"], first.device))
+            module.kernel_choices[key] = timing.choice
+            timings.append(timing)
     return timings
+
+
+def _room_for_recompiles(compile: bool):
+    """Every compiled contestant is the same function at another shape, i.e. a recompile of one code object;
+    past dynamo's limit (8) it would silently run eagerly and the contest would time the wrong thing."""
+    if not compile:
+        return contextlib.nullcontext()
+    import torch._dynamo.config as dynamo_config
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    return dynamo_config.patch(**{name: max(getattr(dynamo_config, name), 1024)})

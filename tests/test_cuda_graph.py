@@ -143,3 +143,18 @@ def test_fast_preset_turns_graphs_on_for_cuda_unless_the_run_asks_for_what_canno
         with pytest.raises(NotAvailableError, match="--cuda-graph"):  # ...an explicit request is refused
             resolve(TrainConfig(**base, **conflict, cuda_graph=True))
     assert not resolve(TrainConfig(**base, cuda_graph=False)).cuda_graph
+
+
+def test_a_failed_capture_with_several_processes_fails_the_run(monkeypatch):
+    # Other ranks' captured all-reduces would not pair with this rank's eager ones: no fallback there.
+    import fastcnn.cuda_graph
+
+    def broken(*args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    trainer = Trainer(build_model("simplecnn", kernel="torch"), device=torch.device("cpu"))
+    trainer.cuda_graph, trainer.distributed = True, True  # as if built for DDP on GPUs
+    monkeypatch.setattr(fastcnn.cuda_graph, "GraphedTrainStep", broken)
+    images, labels = next(iter(DeviceLoader(synthetic_dataset(32), 32, mean=0.13, std=0.31)))
+    with pytest.raises(RuntimeError, match="capture failed on this rank.*--no-cuda-graph"):
+        trainer.train_step(images, labels)
