@@ -1,23 +1,32 @@
 #!/usr/bin/env bash
-# Every GPU measurement the open issues (3, 4, 5) still need, in as few device calls as possible.
+# Every GPU measurement the open issues (3, 4) still need, in as few device calls as possible.
 #
 # A GPU session's device time is short (30 minutes, 10 per command), so this runs named stages, each under its
-# own time limit, and keeps going when one fails. On the GPU machine torch, triton, pytest and pytest-benchmark
-# are installed; DALI and the datasets are not: pack them here first with ../shared/tools/gpu-pack.sh and unpack
-# them there as it prints (to /tmp/gpu). Then, through the device tool, one stage list per call, e.g.
+# own time limit, keeps going when one fails, and stops starting stages when the call's budget
+# (GPU_SESSION_BUDGET seconds, default 540: under the device tool's 600 s limit) runs out. After every stage it
+# re-packs everything so far into $OUT/gpu-results.tar.gz, so a call cut short still brings back what it measured.
 #
-#   bash bench/gpu_session.sh install tests            # ~5 min: GPU correctness first
-#   bash bench/gpu_session.sh install kernels          # ~6 min: kernel benchmarks and the issue-3 verdicts
-#   bash bench/gpu_session.sh install ablation epoch ddp   # ~8 min: issue 4's and 5's training figures
+# On the GPU machine torch, triton, pytest and pytest-benchmark are installed; DALI and the datasets are not: pack
+# them here with ../shared/tools/gpu-pack.sh and unpack them there as it prints (to /tmp/gpu). A machine left idle
+# for 30 s is given back and the next call starts bare, without /tmp/gpu: make the unpacking calls and these calls
+# back to back, and unpack again if a call reports "FASTCNN_DATA is unset". Then, one stage list per call, e.g.
+#
+#   bash bench/gpu_session.sh install tests                # GPU correctness first
+#   bash bench/gpu_session.sh install kernels              # kernel benchmarks and the issue-3 verdicts
+#   bash bench/gpu_session.sh install epoch                # issue 4's targets: epoch times, 100x, accuracy
+#   bash bench/gpu_session.sh install ablation             # what each optimization buys (compiles a lot)
+#   bash bench/gpu_session.sh install ddp                  # DDP + CUDA graphs against one process
+#
+# That is about 30 minutes of device time with the transfers; in that order, the most needed come first.
 #
 # (install again in each call: a machine given back in between starts bare.) Stages:
 #   install   pip install -e . without touching torch; `fastcnn env`
 #   tests     the GPU-marked tests, then the kernel/accelerate tests on CUDA tensors, with compiled kernels
 #             (TRITON_INTERPRET=0)
 #   kernels   bench/test_bench_conv_relu_pool.py: fused vs cuDNN (all shapes) and vs torch.compile max-autotune
-#             (bf16 only: each compile takes long), peak memory; then bench/kernel_report.py's verdicts
-#   ablation  "${fastcnn[@]}" bench --ablation at batch 64 and 512 (images/s, speed-ups, peak memory, chart)
-#   epoch     "${fastcnn[@]}" bench --epoch: tutorial program vs the fast configurations, full MNIST epochs with test
+#             (bf16, batch 512 only: each compile takes long), peak memory; then bench/kernel_report.py's verdicts
+#   ablation  fastcnn bench --ablation at batch 64 and 512 (images/s, speed-ups, peak memory, chart)
+#   epoch     fastcnn bench --epoch: tutorial program vs the fast configurations, full MNIST epochs with test
 #             accuracy (the <= 60 ms / <= 15 ms, >= 100x and 0.3-point targets)
 #   ddp       fastcnn train --nproc 1 --cuda-graph against the same run in one process
 # Results land in $OUT/gpu-results.tar.gz (the device tool brings back at most 8 files) and the log in
@@ -26,6 +35,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-$PWD/gpu-out}
 work=$(mktemp -d)/gpu-results
+budget=${GPU_SESSION_BUDGET:-540}
 mkdir -p "$out" "$work"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 if [ -z "${FASTCNN_DATA:-}" ] && [ -d /tmp/gpu/data ]; then export FASTCNN_DATA=/tmp/gpu/data; fi
@@ -36,17 +46,30 @@ print(n.split()[1].lower() if n.startswith('NVIDIA ') else n.split()[0].lower())
 
 say() { echo "[gpu_session $(date +%H:%M:%S)] $*" | tee -a "$log"; }
 
-# stage NAME SECONDS COMMAND...: run with a time limit, log everything, record the verdict, never abort the script.
+# stage NAME SECONDS COMMAND...: run with a time limit (cut to what is left of the call's budget), log everything,
+# record the verdict, re-pack the results, never abort the script.
 stage() {
   local name=$1 limit=$2; shift 2
+  local left=$((budget - SECONDS - 25))
+  if [ "$left" -lt 20 ]; then
+    say "stage $name: skipped, the call's budget of ${budget}s is spent"
+    echo "$name skipped=budget" >> "$work/stages.txt"
+    return 0
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   say "stage $name (limit ${limit}s): $*"
   local started=$SECONDS
-  timeout --signal=INT --kill-after=20 "$limit" "$@" 2>&1 | tee -a "$log" "$work/$name.log" >/dev/null
+  # --kill-after beyond torchrun's own 30 s grace for its workers (they run in sessions of their own).
+  timeout --signal=INT --kill-after=45 "$limit" "$@" 2>&1 | tee -a "$log" "$work/$name.log" >/dev/null
   local rc=${PIPESTATUS[0]}
   say "stage $name: exit $rc after $((SECONDS - started)) s"
   echo "$name exit=$rc seconds=$((SECONDS - started))" >> "$work/stages.txt"
+  pack
   return 0
 }
+
+pack() { tar -C "$(dirname "$work")" -czf "$out/gpu-results.tar.gz.tmp" gpu-results && \
+  mv "$out/gpu-results.tar.gz.tmp" "$out/gpu-results.tar.gz"; }
 
 fastcnn=("$py" -m fastcnn)
 # pytest-timeout is on the GPU image; elsewhere run without per-test limits.
@@ -85,9 +108,9 @@ run_ablation() {
 }
 
 run_epoch() {
-  stage epoch-b64 300 "${fastcnn[@]}" bench --epoch --dataset mnist -b 64 --repeats 2 \
+  stage epoch-b64 300 "${fastcnn[@]}" bench --epoch --dataset mnist -b 64 --repeats 1 \
     --configs reference,fast,compile,fused,cuda-graph --json "$work/gpu-$gpu-epoch-b64.json"
-  stage epoch-b512 180 "${fastcnn[@]}" bench --epoch --dataset mnist -b 512 --repeats 3 --configs fast,fused,cuda-graph \
+  stage epoch-b512 180 "${fastcnn[@]}" bench --epoch --dataset mnist -b 512 --repeats 2 --configs fast,fused,cuda-graph \
     --json "$work/gpu-$gpu-epoch-b512.json"
 }
 
@@ -113,8 +136,8 @@ say "device: $gpu; stages: $*; data: ${FASTCNN_DATA:-none}; commit $(git rev-par
 for name in "$@"; do
   case $name in
     install|tests|kernels|ablation|epoch|ddp) "run_$name" ;;
-    *) say "unknown stage $name (choose from install tests kernels ablation epoch ddp)"; exit 2 ;;
+    *) say "unknown stage $name (choose from install tests kernels ablation epoch ddp)"; pack; exit 2 ;;
   esac
 done
-tar -C "$(dirname "$work")" -czf "$out/gpu-results.tar.gz" gpu-results
+pack
 say "done: $(cat "$work/stages.txt" 2>/dev/null | tr '\n' ';')"
