@@ -5,6 +5,7 @@ import signal
 
 import pytest
 import torch
+from cli_helpers import assert_one_line_error
 
 from fastcnn.cli import main
 from fastcnn.engine import Trainer
@@ -16,14 +17,6 @@ def run(args, capsys):
     code = main(args)
     err = capsys.readouterr().err.strip()
     return code, err
-
-
-def assert_one_line_error(err, *words):
-    assert err.startswith("fastcnn: error: "), err
-    assert "\n" not in err, err
-    assert "Traceback" not in err
-    for word in words:
-        assert word in err, (word, err)
 
 
 def mnist_copy(tmp_path, data_root, *, drop=None, corrupt=None):

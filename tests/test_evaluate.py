@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from cli_helpers import assert_one_line_error, run_cli
 
 from fastcnn import evaluate
 from fastcnn.cli import main
@@ -15,17 +16,7 @@ SYNTHETIC = ["--dataset", "synthetic", "--synthetic-size", "640,128", "--no-prog
 
 def run_eval(argv, capsys):
     """``fastcnn eval ARGV`` through the real CLI: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    code = main(["eval", *argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err.strip()
-
-
-def assert_one_line_error(err, *words):
-    assert err.startswith("fastcnn: error: "), err
-    assert "\n" not in err and "Traceback" not in err, err
-    for word in words:
-        assert word in err, (word, err)
+    return run_cli(["eval", *argv], capsys)
 
 
 def train(tmp_path_factory, *args):

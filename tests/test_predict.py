@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from cli_helpers import assert_one_line_error, run_cli
 from PIL import Image
 
 from fastcnn import predict
@@ -15,17 +16,7 @@ from fastcnn.data import load_dataset
 
 def run_predict(argv, capsys):
     """``fastcnn predict ARGV`` through the real CLI: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    code = main(["predict", *argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err.strip()
-
-
-def assert_one_line_error(err, *words):
-    assert err.startswith("fastcnn: error: "), err
-    assert "\n" not in err and "Traceback" not in err, err
-    for word in words:
-        assert word in err, (word, err)
+    return run_cli(["predict", *argv], capsys)
 
 
 COUNT = 40
