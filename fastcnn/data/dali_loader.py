@@ -39,9 +39,9 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 
 from fastcnn.data.dali_status import dali_gpu_status
-from fastcnn.data.datasets import ImageDataset, batches_per_epoch
-from fastcnn.data.device_loader import as_channel_tensor
-from fastcnn.data.sampling import check_sharding, epoch_permutation, epoch_seed, shard
+from fastcnn.data.datasets import ImageDataset
+from fastcnn.data.device_loader import ResidentLoader
+from fastcnn.data.sampling import epoch_seed, shard
 from fastcnn.errors import NotAvailableError
 
 # Distinct from the permutation's seed so that the augmentation draws do not repeat the shuffle's.
@@ -79,7 +79,7 @@ def _batch_pipeline(*, device: str, height: int, width: int, mean: list[float], 
                                     output_layout=out_layout)
 
 
-class DaliLoader:
+class DaliLoader(ResidentLoader):
     """Serves ``(images, labels)`` batches of ``dataset`` on ``device``, made by a DALI pipeline.
 
     Same constructor, attributes and batches as ``DeviceLoader`` (same seed: same samples in the same batches in
@@ -98,46 +98,31 @@ class DaliLoader:
                  dtype: torch.dtype = torch.float32, channels_last: bool = False,
                  rank: int = 0, world_size: int = 1, augment: bool = False, flip: bool = False,
                  max_shift: int = 2, num_threads: int | None = None):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        check_sharding(rank, world_size)
         if not dtype.is_floating_point:
             raise ValueError(f"DaliLoader emits floating-point images, not {dtype}")
         if flip and not augment:
             raise ValueError("flip=True needs augment=True (flipping is part of the augmentation)")
         if max_shift < 0:
             raise ValueError(f"max_shift must be >= 0, got {max_shift}")
-        self.device = torch.device(device)
-        if self.device.type == "cuda":
+        device = torch.device(device)
+        if device.type == "cuda":
             gpu_ok, why = dali_gpu_status()
             if not gpu_ok:
-                raise NotAvailableError(f"the DALI loader cannot run on {self.device}: {why}; use --loader device")
-            if self.device.index is None:
-                self.device = torch.device("cuda", torch.cuda.current_device())
-            device_id, dali_device = self.device.index, "gpu"
-        elif self.device.type == "cpu":
+                raise NotAvailableError(f"the DALI loader cannot run on {device}: {why}; use --loader device")
+            if device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
+            device_id, dali_device = device.index, "gpu"
+        elif device.type == "cpu":
             device_id, dali_device = None, "cpu"  # CPU-only pipeline: no CUDA needed at all
         else:
-            raise ValueError(f"DaliLoader runs on cpu or cuda devices, not {self.device}")
-        self.images = dataset.images.to(self.device)
-        self.labels = dataset.labels.to(self.device)
-        channels, height, width = self.images.shape[1:]
-        mean_values = as_channel_tensor(mean, channels, "cpu").flatten().tolist()
-        std_values = as_channel_tensor(std, channels, "cpu").flatten().tolist()
-        self.mean = as_channel_tensor(mean, channels, self.device)
-        self.std = as_channel_tensor(std, channels, self.device)
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.drop_last = drop_last
-        self.seed = seed
-        self.dtype = dtype
-        self.channels_last = channels_last
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.rank, self.world_size = rank, world_size
-        self.num_samples = len(dataset) // world_size if world_size > 1 else len(dataset)
+            raise ValueError(f"DaliLoader runs on cpu or cuda devices, not {device}")
+        super().__init__(dataset, batch_size, device=device, shuffle=shuffle, drop_last=drop_last, seed=seed,
+                         mean=mean, std=std, dtype=dtype, channels_last=channels_last, rank=rank,
+                         world_size=world_size)
+        height, width = self.images.shape[2:]
+        mean_values = self.mean.flatten().tolist()
+        std_values = self.std.flatten().tolist()
         self.augment, self.flip, self.max_shift = augment, flip, max_shift
-        self.epoch = 0
-        self.start_batch = 0
         self.pipeline = _batch_pipeline(
             device=dali_device, height=height, width=width,
             mean=[m * 255 for m in mean_values], std=[s * 255 for s in std_values],
@@ -151,17 +136,8 @@ class DaliLoader:
             seed=epoch_seed(seed, rank) % (2**31), prefetch_queue_depth=1, exec_async=True, exec_pipelined=True)
         self.pipeline.build()
 
-    def __len__(self) -> int:
-        return batches_per_epoch(self.num_samples, self.batch_size, self.drop_last)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Serve epoch ``epoch`` next, starting at batch ``start_batch`` (to resume inside an epoch)."""
-        self.epoch, self.start_batch = epoch, start_batch
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = epoch_permutation(self.labels.numel(), seed=self.seed, epoch=self.epoch, shuffle=self.shuffle,
-                                  device=self.device)
-        order = shard(order, self.rank, self.world_size)
+        order = self.epoch_order()
         start, mirror = self._augmentation(order.numel()) if self.augment else (None, None)
         on_gpu = self.device.type == "cuda"
         stream = torch.cuda.current_stream(self.device) if on_gpu else None

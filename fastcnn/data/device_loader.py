@@ -35,13 +35,10 @@ def as_channel_tensor(values: Sequence[float] | float, channels: int, device) ->
     return torch.tensor(values, dtype=torch.float32, device=device).view(1, channels, 1, 1)
 
 
-class DeviceLoader:
-    """Serves ``(images, labels)`` batches of ``dataset`` from memory on ``device``.
-
-    images: ``dtype`` (N, C, H, W), normalized like ToTensor + Normalize(mean, std), channels-last when asked;
-    labels: int64 (N,). One epoch visits every sample of this rank's shard exactly once, in the order of
-    ``fastcnn.data.sampling.epoch_permutation``; the last batch is smaller unless ``drop_last``.
-    """
+class ResidentLoader:
+    """What the device-resident loaders share (DeviceLoader, and DaliLoader): the uint8 dataset and its labels on
+    ``device``, normalization statistics there, this rank's shard, the epoch (and batch) to serve next, and the
+    epoch's order of samples (``fastcnn.data.sampling``), so that equal seeds serve equal batches."""
 
     def __init__(self, dataset: ImageDataset, batch_size: int, *, device: torch.device | str = "cpu",
                  shuffle: bool = True, drop_last: bool = False, seed: int = 0,
@@ -62,15 +59,42 @@ class DeviceLoader:
         self.drop_last = drop_last
         self.seed = seed
         self.dtype = dtype
+        self.channels_last = channels_last
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.rank, self.world_size = rank, world_size
         self.num_samples = len(dataset) // world_size if world_size > 1 else len(dataset)
         self.epoch = 0
         self.start_batch = 0
+
+    def __len__(self) -> int:
+        return batches_per_epoch(self.num_samples, self.batch_size, self.drop_last)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Serve epoch ``epoch`` next, starting at batch ``start_batch`` (to resume inside an epoch)."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def epoch_order(self) -> torch.Tensor:
+        """This rank's sample indices for the current epoch, on the device, in serving order."""
+        order = epoch_permutation(self.labels.numel(), seed=self.seed, epoch=self.epoch, shuffle=self.shuffle,
+                                  device=self.device)
+        return shard(order, self.rank, self.world_size)
+
+
+class DeviceLoader(ResidentLoader):
+    """Serves ``(images, labels)`` batches of ``dataset`` from memory on ``device``.
+
+    images: ``dtype`` (N, C, H, W), normalized like ToTensor + Normalize(mean, std), channels-last when asked;
+    labels: int64 (N,). One epoch visits every sample of this rank's shard exactly once, in the order of
+    ``fastcnn.data.sampling.epoch_permutation``; the last batch is smaller unless ``drop_last``. Keyword options:
+    those of ``ResidentLoader``.
+    """
+
+    def __init__(self, dataset: ImageDataset, batch_size: int, **options):
+        super().__init__(dataset, batch_size, **options)
         self.prepared = self._prepare() if self._prepared_bytes() <= PREPARED_MAX_BYTES else None
 
     def _prepared_bytes(self) -> int:
-        return self.images.numel() * torch.empty((), dtype=self.dtype).element_size()
+        return self.images.numel() * self.dtype.itemsize
 
     def _prepare(self) -> torch.Tensor:
         """Every image normalized, cast, and stored so that a gather along dim 0 yields the batch layout:
@@ -84,17 +108,8 @@ class DeviceLoader:
             prepared[start:start + _PREPARE_CHUNK] = chunk.permute(0, 2, 3, 1) if channels_last else chunk
         return prepared
 
-    def __len__(self) -> int:
-        return batches_per_epoch(self.num_samples, self.batch_size, self.drop_last)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Serve epoch ``epoch`` next, starting at batch ``start_batch`` (to resume inside an epoch)."""
-        self.epoch, self.start_batch = epoch, start_batch
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = epoch_permutation(self.labels.numel(), seed=self.seed, epoch=self.epoch, shuffle=self.shuffle,
-                                  device=self.device)
-        order = shard(order, self.rank, self.world_size)
+        order = self.epoch_order()
         for batch in range(self.start_batch, len(self)):
             index = order[batch * self.batch_size:(batch + 1) * self.batch_size]
             yield self.gather_images(index), self.labels.index_select(0, index)
