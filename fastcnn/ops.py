@@ -104,9 +104,12 @@ def _runs_triton(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and INTERPRET_ON_CPU)
 
 
-def _traceable(device: torch.device) -> bool:
-    # Interpreted kernels are not JIT functions: launch them directly (older wrap_triton rejects them).
-    return device.type != "cpu"
+def _launch(launcher, kernel, device: torch.device, *args):
+    """Run a Triton launcher: through ``wrap_triton`` on a GPU, so that torch.compile sees the kernel; directly
+    under the interpreter, whose kernels are not JIT functions (older wrap_triton rejects them)."""
+    if device.type != "cpu":
+        return launcher(*args, kernel=torch.library.wrap_triton(kernel))
+    return launcher(*args)
 
 
 def fused_kernel_status(device: torch.device | str) -> tuple[bool, str]:
@@ -172,10 +175,7 @@ def _aten_backward(grad_out, code, x, weight, padding, output_mask):
                          schema="(Tensor x, Tensor weight, Tensor? bias, int padding) -> (Tensor, Tensor)")
 def _conv_relu_pool_op(x, weight, bias, padding):
     if _runs_triton(x.device):
-        if _traceable(x.device):
-            return _triton_forward(x, weight, bias, padding,
-                                   kernel=torch.library.wrap_triton(conv_relu_pool_fwd_kernel))
-        return _triton_forward(x, weight, bias, padding)
+        return _launch(_triton_forward, conv_relu_pool_fwd_kernel, x.device, x, weight, bias, padding)
     return _aten_forward(x, weight, bias, padding)
 
 
@@ -193,10 +193,8 @@ def _conv_relu_pool_fake(x, weight, bias, padding):
                                 "-> Tensor")
 def _backward_input_op(grad_out, code, x, weight, padding):
     if _runs_triton(x.device):
-        if _traceable(x.device):
-            return _triton_backward_input(grad_out, code, x, weight, padding,
-                                          kernel=torch.library.wrap_triton(conv_relu_pool_bwd_input_kernel))
-        return _triton_backward_input(grad_out, code, x, weight, padding)
+        return _launch(_triton_backward_input, conv_relu_pool_bwd_input_kernel, x.device, grad_out, code, x,
+                       weight, padding)
     grad_x = _aten_backward(grad_out, code, x, weight, padding, [True, False, False])[0]
     return _copy_as(grad_x, _memory_format(x))
 
@@ -211,10 +209,8 @@ def _backward_input_fake(grad_out, code, x, weight, padding):
                                 "-> (Tensor, Tensor)")
 def _backward_weight_op(grad_out, code, x, weight, padding):
     if _runs_triton(x.device):
-        if _traceable(x.device):
-            return _triton_backward_weight(grad_out, code, x, weight, padding,
-                                           kernel=torch.library.wrap_triton(conv_relu_pool_bwd_weight_kernel))
-        return _triton_backward_weight(grad_out, code, x, weight, padding)
+        return _launch(_triton_backward_weight, conv_relu_pool_bwd_weight_kernel, x.device, grad_out, code, x,
+                       weight, padding)
     _, gw, gb = _aten_backward(grad_out, code, x, weight, padding, [False, True, True])
     grad_weight = torch.empty_like(weight)
     grad_weight.copy_(gw)
