@@ -41,7 +41,9 @@ try:
     )
 
     _TRITON_ERROR: str | None = None
-except ImportError as err:  # no triton on this platform: every device takes the aten branch
+except (ImportError, RuntimeError) as err:
+    # No triton on this platform, or (triton <= 3.2 on a machine without a GPU) @triton.autotune finding no
+    # active driver at definition: every device takes the aten branch.
     _TRITON_ERROR = f"{type(err).__name__}: {err}"
 
 __all__ = ["conv_relu_pool", "conv_relu_pool_reference", "fused_kernel_status", "INTERPRET_ON_CPU"]
@@ -119,7 +121,7 @@ def fused_kernel_status(device: torch.device | str) -> tuple[bool, str]:
     """
     device = torch.device(device)
     if _TRITON_ERROR is not None:
-        return False, f"triton is not importable ({_TRITON_ERROR}); the op runs plain PyTorch ops"
+        return False, f"the Triton kernels could not be loaded ({_TRITON_ERROR}); the op runs plain PyTorch ops"
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return False, "CUDA is not available in this torch build or on this machine"
@@ -171,9 +173,9 @@ def _aten_backward(grad_out, code, x, weight, padding, output_mask):
 # --------------------------------------------------------------------------------------------- the ops
 
 
-@torch.library.triton_op("fastcnn::conv_relu_pool", mutates_args=(),
-                         schema="(Tensor x, Tensor weight, Tensor? bias, int padding) -> (Tensor, Tensor)")
-def _conv_relu_pool_op(x, weight, bias, padding):
+@torch.library.triton_op("fastcnn::conv_relu_pool", mutates_args=())
+def _conv_relu_pool_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       padding: int) -> tuple[torch.Tensor, torch.Tensor]:
     if _runs_triton(x.device):
         return _launch(_triton_forward, conv_relu_pool_fwd_kernel, x.device, x, weight, bias, padding)
     return _aten_forward(x, weight, bias, padding)
@@ -188,10 +190,9 @@ def _conv_relu_pool_fake(x, weight, bias, padding):
             torch.empty(shape, dtype=torch.uint8, device=x.device, memory_format=fmt))
 
 
-@torch.library.triton_op("fastcnn::conv_relu_pool_backward_input", mutates_args=(),
-                         schema="(Tensor grad_out, Tensor code, Tensor x, Tensor weight, int padding) "
-                                "-> Tensor")
-def _backward_input_op(grad_out, code, x, weight, padding):
+@torch.library.triton_op("fastcnn::conv_relu_pool_backward_input", mutates_args=())
+def _backward_input_op(grad_out: torch.Tensor, code: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                       padding: int) -> torch.Tensor:
     if _runs_triton(x.device):
         return _launch(_triton_backward_input, conv_relu_pool_bwd_input_kernel, x.device, grad_out, code, x,
                        weight, padding)
@@ -204,10 +205,9 @@ def _backward_input_fake(grad_out, code, x, weight, padding):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
 
 
-@torch.library.triton_op("fastcnn::conv_relu_pool_backward_weight", mutates_args=(),
-                         schema="(Tensor grad_out, Tensor code, Tensor x, Tensor weight, int padding) "
-                                "-> (Tensor, Tensor)")
-def _backward_weight_op(grad_out, code, x, weight, padding):
+@torch.library.triton_op("fastcnn::conv_relu_pool_backward_weight", mutates_args=())
+def _backward_weight_op(grad_out: torch.Tensor, code: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                        padding: int) -> tuple[torch.Tensor, torch.Tensor]:
     if _runs_triton(x.device):
         return _launch(_triton_backward_weight, conv_relu_pool_bwd_weight_kernel, x.device, grad_out, code, x,
                        weight, padding)

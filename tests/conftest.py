@@ -29,4 +29,14 @@ def data_root() -> pathlib.Path:
     return root
 
 
+def pytest_report_header(config):
+    # Where the kernel tests' fused side really runs: a vacuous comparison (the aten branch against the
+    # reference, when the kernels could not load) should be visible in every run's header.
+    from fastcnn.ops import fused_kernel_status
+
+    device = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+    ok, why = fused_kernel_status(device)
+    return f"fastcnn fused kernels on {device}: {'run' if ok else 'NOT run'} ({why})"
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

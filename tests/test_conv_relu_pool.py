@@ -181,7 +181,7 @@ def test_input_without_grad_skips_grad_input(monkeypatch):
             fail()
         return real_aten_backward(*args)
 
-    monkeypatch.setattr(ops, "_triton_backward_input", fail)
+    monkeypatch.setattr(ops, "_triton_backward_input", fail, raising=False)  # absent where triton cannot load
     # The aten branch (CPU without the interpreter) computes weight and bias gradients with it too.
     monkeypatch.setattr(ops, "_aten_backward", aten_backward_without_input)
     check_against_reference(3, 1, 6, 10, 10, 5, 0, x_grad=False)
@@ -438,10 +438,11 @@ def test_module_state_dict_and_from_conv():
 
 def test_fused_kernel_status(monkeypatch):
     ok, why = fused_kernel_status("cpu")
-    assert ok == ops.INTERPRET_ON_CPU and why
+    assert ok == (ops.INTERPRET_ON_CPU and ops._TRITON_ERROR is None) and why
     monkeypatch.setattr(ops, "INTERPRET_ON_CPU", False)
     ok, why = fused_kernel_status("cpu")
-    assert not ok and "TRITON_INTERPRET" in why
+    # triton <= 3.2 cannot define autotuned kernels without a GPU, interpreter or not: the reason says so
+    assert not ok and ("TRITON_INTERPRET" in why if ops._TRITON_ERROR is None else "could not be loaded" in why)
     assert fused_kernel_status("meta")[0] is False
 
 
