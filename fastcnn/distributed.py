@@ -89,6 +89,14 @@ class DistributedContext:
         dist.all_gather(gathered, flat)
         return all(torch.equal(gathered[0], other) for other in gathered[1:])
 
+    def from_main(self, value: object) -> object:
+        """Rank 0's ``value`` on every rank (any picklable object; ``value`` itself when not distributed)."""
+        if not self.enabled:
+            return value
+        box = [value if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

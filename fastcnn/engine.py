@@ -12,13 +12,18 @@ import copy
 import math
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fastcnn.errors import TrainingDivergedError
+
+if TYPE_CHECKING:
+    from fastcnn.kernel_choice import KernelTiming
 
 PROGRESS_REFRESH_STEPS = 50
 
@@ -301,7 +306,9 @@ class Trainer:
         samples = max(samples, 1)
         return float(loss_sum) / samples, 100.0 * int(correct) / samples
 
-    def warm_up(self, batches: list[tuple[torch.Tensor, torch.Tensor]], eval_batches: list, steps: int = 3) -> float:
+    def warm_up(self, batches: list[tuple[torch.Tensor, torch.Tensor]], eval_batches: list, steps: int = 3, *,
+                known_kernels: Iterable[KernelTiming] = (), measure_kernels: bool = True,
+                agree_on_kernels: Callable[[list[KernelTiming]], list[KernelTiming]] | None = None) -> float:
         """Run ``steps`` training steps on each of ``batches`` and evaluate ``eval_batches``, then put model and
         optimizer back as they were.
 
@@ -310,17 +317,25 @@ class Trainer:
         no recompilation happens on the clock. Returns the seconds it took.
 
         First, ``kernel="auto"`` layers get the faster implementation for each of these batch shapes, measured
-        here (``fastcnn.choose_kernels``), except under ``--deterministic``: a choice by timing could differ
-        between two runs, and so could their rounding; those runs keep auto's default.
+        here (``fastcnn.choose_kernels``) unless ``known_kernels`` has it, except under ``--deterministic``: a
+        choice by timing could differ between two runs, and so could their rounding; those runs keep auto's
+        default. Data parallel: only the rank with ``measure_kernels`` measures, and ``agree_on_kernels`` hands its
+        timings to every rank, so that all ranks run the same kernels.
         """
         synchronize(self.device)
         started = time.perf_counter()
         if not torch.are_deterministic_algorithms_enabled():
-            from fastcnn.kernel_choice import choose_kernels
+            from fastcnn.kernel_choice import apply_choices, choose_kernels
 
-            self.kernel_timings = choose_kernels(self.model, [images for images, _ in batches],
-                                                 [images for images, _ in eval_batches], autocast=self.autocast,
-                                                 compile=self.compile)
+            timings = []
+            if measure_kernels:
+                timings = choose_kernels(self.model, [images for images, _ in batches],
+                                         [images for images, _ in eval_batches], autocast=self.autocast,
+                                         compile=self.compile, known=known_kernels)
+            if agree_on_kernels is not None:
+                timings = agree_on_kernels(timings)
+                apply_choices(self.model, timings)
+            self.kernel_timings = timings
         model_state = copy.deepcopy(self.model.state_dict())
         optimizer_state = copy.deepcopy(self.optimizer.state_dict())
         scaler_state = copy.deepcopy(self.scaler.state_dict()) if self.scaler is not None else None

@@ -57,12 +57,14 @@ class CallKey(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class KernelTiming:
-    """One measured contest: milliseconds per call of each implementation and the one chosen."""
+    """One measured contest: milliseconds per call of each implementation and the one chosen. ``origin`` says
+    where the measurement was made: ``measured`` in this run, or read back from a ``checkpoint``."""
 
     layer: str
     key: CallKey
     fused_ms: float
     torch_ms: float
+    origin: str = "measured"
 
     @property
     def choice(self) -> str:
@@ -75,7 +77,19 @@ class KernelTiming:
 
     def to_dict(self) -> dict:
         return dict(layer=self.layer, call=self.key.describe(), fused_ms=round(self.fused_ms, 5),
-                    torch_ms=round(self.torch_ms, 5), choice=self.choice)
+                    torch_ms=round(self.torch_ms, 5), choice=self.choice, origin=self.origin)
+
+    def to_state(self) -> dict:
+        """Plain values only, so that a checkpoint holding it still loads with ``weights_only=True``."""
+        return dict(layer=self.layer, shape=list(self.key.shape), channels_last=self.key.channels_last,
+                    dtype=str(self.key.dtype).removeprefix("torch."), training=self.key.training,
+                    input_grad=self.key.input_grad, fused_ms=self.fused_ms, torch_ms=self.torch_ms)
+
+    @classmethod
+    def from_state(cls, state: dict) -> KernelTiming:
+        key = CallKey(tuple(state["shape"]), bool(state["channels_last"]), getattr(torch, state["dtype"]),
+                      bool(state["training"]), bool(state["input_grad"]))
+        return cls(state["layer"], key, float(state["fused_ms"]), float(state["torch_ms"]), origin="checkpoint")
 
     def describe(self) -> str:
         winner, loser = ("fused", "plain chain") if self.choice == "triton" else ("plain chain", "fused")
@@ -171,16 +185,18 @@ def record_calls(model: nn.Module, run: Callable[[], object]) -> list[tuple[str,
 
 def choose_kernels(model: nn.Module, train_batches: Iterable[torch.Tensor] = (),
                    eval_batches: Iterable[torch.Tensor] = (), *, autocast: Callable[[], object] | None = None,
-                   compile: bool = False, timer: Timer | None = None) -> list[KernelTiming]:
+                   compile: bool = False, timer: Timer | None = None,
+                   known: Iterable[KernelTiming] = ()) -> list[KernelTiming]:
     """Measure and set, for each ``kernel="auto"`` ConvReLUPool2d in ``model``, the faster implementation of
     every call it makes on ``train_batches`` (forward and backward) and ``eval_batches`` (forward, no grad).
 
     ``autocast``: a context-manager factory (the trainer's), so that calls are measured in the dtype training
     uses. ``compile``: time the plain chain torch.compile'd (use it when the model will be compiled). ``timer``:
-    milliseconds per call of a closure (``time_ms`` by default). Returns the measurements, also kept in each
-    module's ``kernel_choices``. Nothing is measured where ``auto`` never picks the fused kernel (the CPU): it
-    means the plain chain there anyway. Model parameters and their gradients are left
-    untouched: the contests run on copies.
+    milliseconds per call of a closure (``time_ms`` by default). ``known``: earlier measurements (a resumed
+    run's, on the same GPU); calls they cover are not measured again, so a resumed run keeps its kernels even
+    where two timings are close. Returns the measurements, also kept in each module's ``kernel_choices``.
+    Nothing is measured where ``auto`` never picks the fused kernel (the CPU): it means the plain chain there
+    anyway. Model parameters and their gradients are left untouched: the contests run on copies.
     """
     autocast = autocast or contextlib.nullcontext
     train_batches, eval_batches = list(train_batches), list(eval_batches)
@@ -203,15 +219,44 @@ def choose_kernels(model: nn.Module, train_batches: Iterable[torch.Tensor] = (),
         finally:
             model.train(was_training)
 
+    known_by_call = {(timing.layer, timing.key): timing for timing in known}
     timings = []
     with _room_for_recompiles(compile):
         for name, module, key in record_calls(model, run_model):
-            runs = _contestants(module, key, first.device, compile)
-            timing = KernelTiming(name, key, fused_ms=timer(runs["triton"], first.device),
-                                  torch_ms=timer(runs["torch"], first.device))
+            timing = known_by_call.get((name, key))
+            if timing is None:
+                runs = _contestants(module, key, first.device, compile)
+                timing = KernelTiming(name, key, fused_ms=timer(runs["triton"], first.device),
+                                      torch_ms=timer(runs["torch"], first.device))
             module.kernel_choices[key] = timing.choice
             timings.append(timing)
     return timings
+
+
+def apply_choices(model: nn.Module, timings: Iterable[KernelTiming]) -> None:
+    """Make ``model``'s ``kernel="auto"`` layers use the winners of ``timings`` (measured elsewhere: by rank 0
+    of a data-parallel run), and nothing else: earlier choices of those layers are dropped."""
+    from fastcnn.nn import ConvReLUPool2d
+
+    modules = {name: module for name, module in model.named_modules()
+               if isinstance(module, ConvReLUPool2d) and module.kernel == "auto"}
+    for module in modules.values():
+        module.kernel_choices.clear()
+    for timing in timings:
+        if timing.layer in modules:
+            modules[timing.layer].kernel_choices[timing.key] = timing.choice
+
+
+def choices_to_state(timings: Iterable[KernelTiming], device_name: str) -> dict:
+    """The choices of a run, for its checkpoint; they are only valid on the GPU they were measured on."""
+    return dict(device=device_name, calls=[timing.to_state() for timing in timings])
+
+
+def choices_from_state(state: dict | None, device_name: str) -> list[KernelTiming]:
+    """A checkpoint's choices when they were measured on a GPU of the same name, else none (measure again)."""
+    if not state or state.get("device") != device_name:
+        return []
+    return [KernelTiming.from_state(call) for call in state.get("calls", [])]
 
 
 def _room_for_recompiles(compile: bool):

@@ -32,6 +32,7 @@ from fastcnn.data import ImageDataset, load_dataset, make_loader
 from fastcnn.distributed import DistributedContext, per_rank_batch_size
 from fastcnn.engine import PROGRESS_REFRESH_STEPS, EpochProgress, EpochStats, Trainer, check_finite, synchronize
 from fastcnn.errors import FastcnnError, NotAvailableError, TrainingDivergedError, UsageError
+from fastcnn.kernel_choice import KernelTiming, choices_from_state, choices_to_state
 from fastcnn.models import build_model
 from fastcnn.report import EPOCH_COLUMNS, format_table, plot_curves, write_json, write_metrics
 
@@ -217,12 +218,19 @@ def build_trainer(rc: ResolvedConfig, train_set: ImageDataset, test_set: ImageDa
     return trainer, train_loader, test_loader
 
 
-def warm_up(rc: ResolvedConfig, trainer: Trainer, train_loader, test_loader) -> float:
+def warm_up(rc: ResolvedConfig, trainer: Trainer, train_loader, test_loader,
+            ctx: DistributedContext | None = None, known_kernels: list[KernelTiming] | None = None) -> float:
     """Pay one-time costs (compilation, autotuning) before the clock starts; returns their seconds.
-    Model, optimizer and RNG are put back as they were, so training itself is unchanged."""
+    Model, optimizer and RNG are put back as they were, so training itself is unchanged.
+
+    ``kernel="auto"`` is decided here by measurement (``known_kernels``: a resumed run's, not measured again);
+    with several processes rank 0 measures and every rank takes its choices."""
     seconds = 0.0
+    ctx = ctx or DistributedContext()
     if rc.compile or rc.cuda_graph or (rc.kernel != "torch" and rc.device == "cuda"):
-        seconds = trainer.warm_up(batch_shapes(train_loader), batch_shapes(test_loader))
+        seconds = trainer.warm_up(batch_shapes(train_loader), batch_shapes(test_loader),
+                                  known_kernels=known_kernels or (), measure_kernels=ctx.is_main,
+                                  agree_on_kernels=ctx.from_main if ctx.enabled else None)
     synchronize(rc.torch_device)
     return seconds
 
@@ -342,7 +350,10 @@ def _train(cfg: TrainConfig, rc: ResolvedConfig, ctx: DistributedContext, train_
                 partial = EpochProgress(partial.loss_sum * 0, partial.correct * 0, 0, partial.seconds, partial.batches)
         restore_rng(resume_state["rng"])
 
-    warmup_seconds = warm_up(rc, trainer, train_loader, test_loader)
+    known_kernels = []
+    if resume_state is not None:
+        known_kernels = choices_from_state(resume_state.get("kernel_choices"), env.device_name(rc.torch_device))
+    warmup_seconds = warm_up(rc, trainer, train_loader, test_loader, ctx, known_kernels)
     install_test_fault(trainer, ctx.rank)
     setup_seconds = time.perf_counter() - started
 
@@ -372,7 +383,8 @@ def _train(cfg: TrainConfig, rc: ResolvedConfig, ctx: DistributedContext, train_
                     batch=batch, partial=progress.to_dict() if progress is not None else None,
                     history=history, train_seconds=train_seconds, eval_seconds=eval_seconds, config=config_dict(rc),
                     rng=capture_rng(),
-                    classes=list(train_set.classes), image_shape=list(train_set.image_shape))
+                    classes=list(train_set.classes), image_shape=list(train_set.image_shape),
+                    kernel_choices=choices_to_state(trainer.kernel_timings, env.device_name(rc.torch_device)))
 
     try:
         with StopRequests() as stop:

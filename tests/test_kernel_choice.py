@@ -186,3 +186,87 @@ def test_measured_on_the_gpu_for_simplecnn_shapes():
     with bf16():
         out = model(images)
     assert out.shape == (512, 10) and torch.isfinite(out).all()
+
+
+def test_known_choices_are_used_without_measuring_again(measurable_on_cpu):
+    # A resumed run: block1's training call was measured before (and the plain chain won by little); only
+    # block2's call is new. The earlier winner stands even if a new measurement would say otherwise.
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 9, 9)
+    first = choose_kernels(TwoBlocks(), [x], timer=scripted_timer(fused_wins=set()))
+    saved = [KernelTiming.from_state(first[0].to_state())]
+    calls = []
+
+    def timer(fn, device):
+        calls.append(fn)
+        return 1.0  # both equally fast: the fused kernel would win a tie
+
+    model = TwoBlocks()
+    timings = choose_kernels(model, [x], timer=timer, known=saved)
+    assert len(calls) == 2  # one contest (block2), two contestants
+    assert [(t.layer, t.origin, t.choice) for t in timings] == [("block1", "checkpoint", "torch"),
+                                                               ("block2", "measured", "triton")]
+    assert model.block1.implementation(x) == "torch"
+    assert timings[0].to_dict()["origin"] == "checkpoint"
+
+
+def test_choices_survive_a_checkpoint_and_only_on_the_same_gpu(measurable_on_cpu, tmp_path):
+    from fastcnn.checkpoint import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    x = torch.empty_strided((2, 1, 8, 8), (64, 1, 8, 1)).normal_()  # channels-last, under bf16 autocast
+    timings = choose_kernels(TwoBlocks(), [x], autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+                             timer=scripted_timer({1}))
+    save_checkpoint(tmp_path / "c.pt", dict(kernel_choices=kernel_choice.choices_to_state(timings, "NVIDIA H100")))
+    state = load_checkpoint(tmp_path / "c.pt")["kernel_choices"]  # weights_only=True: plain values only
+    restored = kernel_choice.choices_from_state(state, "NVIDIA H100")
+    assert [(t.layer, t.key, t.fused_ms, t.torch_ms, t.choice) for t in restored] == [
+        (t.layer, t.key, t.fused_ms, t.torch_ms, t.choice) for t in timings]
+    assert all(t.origin == "checkpoint" for t in restored)
+    assert kernel_choice.choices_from_state(state, "NVIDIA A100-SXM4-80GB") == []  # another GPU: measure again
+    assert kernel_choice.choices_from_state(None, "NVIDIA H100") == []  # a checkpoint from before choices
+
+
+def test_rank_zero_measures_and_every_rank_takes_its_choices(measurable_on_cpu, monkeypatch):
+    # Data parallel, as train.warm_up wires it: the other ranks do not measure; the agreement (a broadcast from
+    # rank 0 in a real group) hands them rank 0's timings, which replace whatever the layers had chosen.
+    monkeypatch.setattr(kernel_choice, "time_ms", lambda fn, device: pytest.fail("a non-zero rank measured"))
+    x = torch.randn(4, 1, 8, 8)
+    rank0 = choose_kernels(TwoBlocks(), [x], timer=scripted_timer({0}))
+    torch.manual_seed(0)
+    trainer = Trainer(TwoBlocks(), device=torch.device("cpu"))
+    trainer.model.block2.kernel_choices[CallKey.of(torch.randn(4, 3, 4, 4), trainer.model.block2.weight)] = "x"
+    received = []
+    trainer.warm_up([(x, torch.randint(0, 2, (4,)))], [], measure_kernels=False,
+                    agree_on_kernels=lambda timings: received.append(timings) or rank0)
+    assert received == [[]]
+    assert trainer.kernel_timings == rank0
+    assert trainer.model.block1.implementation(x) == "triton"
+    assert trainer.model.block2.kernel_choices == {rank0[1].key: rank0[1].choice}
+
+
+def _broadcast_worker(rank, store_path, out_dir):
+    import pickle
+
+    import torch.distributed as dist
+
+    from fastcnn.distributed import DistributedContext
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    try:
+        ctx = DistributedContext(rank=rank, world_size=2, backend="gloo")
+        key = CallKey((rank + 1, 1, 8, 8), False, torch.bfloat16, True, False)
+        mine = [KernelTiming(f"layer-of-rank-{rank}", key, 1.0, 2.0)] if rank == 0 else []
+        with open(f"{out_dir}/{rank}.pkl", "wb") as file:
+            pickle.dump(ctx.from_main(mine), file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_from_main_hands_rank_zeros_timings_to_every_rank_of_a_gloo_group(tmp_path):
+    import pickle
+
+    torch.multiprocessing.spawn(_broadcast_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    results = [pickle.loads((tmp_path / f"{rank}.pkl").read_bytes()) for rank in (0, 1)]
+    assert results[0] == results[1] == [KernelTiming(
+        "layer-of-rank-0", CallKey((1, 1, 8, 8), False, torch.bfloat16, True, False), 1.0, 2.0)]
