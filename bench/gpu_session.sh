@@ -89,7 +89,8 @@ run_tests() {
   stage gpu-tests 300 $py -m pytest -q -p no:cacheprovider "${per_test_limit[@]}" -m gpu tests \
     --junitxml="$work/gpu-tests.xml" -rs
   stage kernel-tests 300 $py -m pytest -q -p no:cacheprovider "${per_test_limit[@]}" -m "not gpu" \
-    tests/test_conv_relu_pool.py tests/test_accelerate.py tests/test_kernel_choice.py tests/test_cuda_graph.py \
+    tests/test_conv_relu_pool.py tests/test_kernel_configs.py tests/test_accelerate.py tests/test_kernel_choice.py \
+    tests/test_cuda_graph.py \
     --junitxml="$work/kernel-tests.xml" -rs
 }
 

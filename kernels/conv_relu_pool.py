@@ -47,37 +47,39 @@ def _configs(gpu: list[triton.Config], interpret: triton.Config) -> list[triton.
     return [interpret] if _INTERPRET else gpu
 
 
-# Four fp32 accumulators of BLOCK_P x BLOCK_CO live in registers: keep BLOCK_P * BLOCK_CO <= 4096 per 4 warps.
-_FWD_CONFIGS = _configs(
-    [
+# The configs a GPU autotunes over. The interpreter runs only one small config per kernel (below), so
+# tests/test_kernel_configs.py pins each of these in turn, under the interpreter, to check them too.
+GPU_CONFIGS: dict[str, list[triton.Config]] = {
+    # Four fp32 accumulators of BLOCK_P x BLOCK_CO live in registers: keep BLOCK_P * BLOCK_CO <= 4096 per 4 warps.
+    "fwd": [
         triton.Config({"BLOCK_P": 64, "BLOCK_CO": 16, "BLOCK_K": 32}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_P": 64, "BLOCK_CO": 32, "BLOCK_K": 32}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_P": 128, "BLOCK_CO": 32, "BLOCK_K": 32}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_P": 64, "BLOCK_CO": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2),
         triton.Config({"BLOCK_P": 128, "BLOCK_CO": 16, "BLOCK_K": 16}, num_warps=4, num_stages=3),
     ],
-    triton.Config({"BLOCK_P": 32, "BLOCK_CO": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1),
-)
-
-_BWD_WEIGHT_CONFIGS = _configs(
-    [
+    "bwd_weight": [
         triton.Config({"BLOCK_P": 64, "BLOCK_CO": 16, "BLOCK_K": 32}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_P": 64, "BLOCK_CO": 32, "BLOCK_K": 32}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_P": 128, "BLOCK_CO": 32, "BLOCK_K": 32}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_P": 64, "BLOCK_CO": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     ],
-    triton.Config({"BLOCK_P": 32, "BLOCK_CO": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1),
-)
-
-_BWD_INPUT_CONFIGS = _configs(
-    [
+    "bwd_input": [
         triton.Config({"BLOCK_Q": 64, "BLOCK_CI": 16, "BLOCK_K": 32}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_Q": 128, "BLOCK_CI": 16, "BLOCK_K": 32}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_Q": 64, "BLOCK_CI": 32, "BLOCK_K": 32}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_Q": 128, "BLOCK_CI": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     ],
-    triton.Config({"BLOCK_Q": 32, "BLOCK_CI": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1),
-)
+}
+# Under the interpreter: one small config, so the autotuner has nothing to benchmark.
+_FWD_CONFIGS = _configs(
+    GPU_CONFIGS["fwd"], triton.Config({"BLOCK_P": 32, "BLOCK_CO": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1))
+_BWD_WEIGHT_CONFIGS = _configs(
+    GPU_CONFIGS["bwd_weight"],
+    triton.Config({"BLOCK_P": 32, "BLOCK_CO": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1))
+_BWD_INPUT_CONFIGS = _configs(
+    GPU_CONFIGS["bwd_input"],
+    triton.Config({"BLOCK_Q": 32, "BLOCK_CI": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1))
 
 # The batch size is left out of the key on purpose: the best tile hardly depends on it (the grid grows with it),
 # and keying on it would autotune again, inside a timed epoch, for the smaller last batch.
