@@ -9,9 +9,12 @@ Without a GPU (``device="cpu"``) the same pipeline runs CPU-only (``device_id=No
 
 Execution model. The pipeline is built once and reused for every epoch. It is run with
 ``prefetch_queue_depth=1`` and the inputs passed to ``run()`` directly: every batch is cut from memory on demand,
-so there is no I/O to hide; on a GPU the work is queued on the caller's CUDA stream (``run(stream)``) and the
-GPU overlaps it with training anyway; on a CPU a prefetched batch would only compete with the training step for
-the same cores. It also means an epoch abandoned half-way (``next(iter(loader))``) leaves nothing in flight.
+so there is no I/O to hide. On a GPU the gathered batch is fed on the caller's CUDA stream (DALI copies it there,
+ordered after the gather) and ``run(stream)`` orders the outputs on that stream; DALI's own kernels run on its
+internal stream in between, so a batch's preparation and the training step do not overlap (whether a loading
+stream one batch ahead pays is for a GPU to measure). On a CPU a prefetched batch would only compete with the
+training step for the same cores. It also means an epoch abandoned half-way (``next(iter(loader))``) leaves
+nothing in flight.
 ``exec_async`` and ``exec_pipelined`` stay on, which selects DALI's dynamic executor: its outputs are
 reference-counted buffers, handed to torch with DLPack (no copy).
 
@@ -21,12 +24,14 @@ owns its DALI buffer: measured on CPU (DALI 2.4), a batch kept across later iter
 (``tests/test_dali_loader.py`` checks it), so no copy is made. On a GPU this relies on the same DLPack contract
 that ``DALIGenericIterator`` uses in its no-copy mode (not measured here).
 
-Values. fp32 images equal DeviceLoader's (ToTensor + Normalize) to within two fp32 ulps of the largest |value|,
-not bitwise: DALI computes ``(x - 255 m) / (255 s)`` in one fused step, torchvision ``(x / 255 - m) / s`` with
-three roundings. float16 is emitted by DALI. DALI cannot emit bfloat16 (crop_mirror_normalize writes float32,
-float16, int8 and uint8 only), so bfloat16 (and float64) batches are emitted as float32 by DALI and cast by
-torch, as DeviceLoader does. For every pixel value 0..255 under the MNIST, Fashion-MNIST, ImageNet and 0.5/0.5
-statistics, the float16 and bfloat16 values were bitwise DeviceLoader's (tests/test_dali_loader.py).
+Values. fp32 images equal DeviceLoader's (ToTensor + Normalize) to within two fp32 ulps of the largest |value|, not
+bitwise: DALI's CPU operator computes ``(x - 255 m) / (255 s)``, its GPU operator ``fmaf(x, 1 / (255 s), -m / s)``,
+torchvision ``(x / 255 - m) / s`` with three roundings. (On a GPU, a mean that is a whole multiple of 1/255 leaves
+about 5e-8 instead of 0 at that pixel value.) float16 is emitted by DALI. DALI cannot emit bfloat16
+(crop_mirror_normalize writes float32, float16, int8 and uint8 only), so bfloat16 (and float64) batches are emitted
+as float32 by DALI and cast by torch, as DeviceLoader does. For every pixel value 0..255 under the MNIST,
+Fashion-MNIST, ImageNet and 0.5/0.5 statistics, the float16 and bfloat16 values were bitwise DeviceLoader's
+(tests/test_dali_loader.py on the CPU; the GPU formula, simulated in fp32 on the CPU, gives the same).
 """
 
 from __future__ import annotations
@@ -145,12 +150,14 @@ class DaliLoader(ResidentLoader):
             lo, hi = batch * self.batch_size, (batch + 1) * self.batch_size
             index = order[lo:hi]
             pixels = self.images.index_select(0, index)
-            inputs = {"images": pixels if on_gpu else pixels.numpy()}
+            # Fed on the loader device's stream, not the current device's (what run(**inputs) would use), so that
+            # DALI's copy of the batch is ordered after the gather even when another GPU is current.
+            self.pipeline.feed_input("images", pixels if on_gpu else pixels.numpy(), cuda_stream=stream)
             if start is not None:
-                inputs["start"] = start[lo:hi]
+                self.pipeline.feed_input("start", start[lo:hi])
             if mirror is not None:
-                inputs["mirror"] = mirror[lo:hi]
-            (out,) = self.pipeline.run(stream, **inputs)
+                self.pipeline.feed_input("mirror", mirror[lo:hi])
+            (out,) = self.pipeline.run(stream)
             yield self._to_torch(out), self.labels.index_select(0, index)
 
     def _augmentation(self, count: int) -> tuple[np.ndarray, np.ndarray | None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 
 @functools.lru_cache(maxsize=1)
@@ -29,11 +30,14 @@ def dali_gpu_status() -> tuple[bool, str]:
 
     if not torch.cuda.is_available():
         return False, "no CUDA GPU visible; DALI runs CPU-only pipelines (device_id=None)"
+    # Under torchrun this may run before the process picks its GPU (torch.cuda.set_device(LOCAL_RANK)): probe that
+    # GPU anyway, so that the ranks do not all put a CUDA context and DALI's memory pools on GPU 0.
+    device_id = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
     try:
         import numpy as np
         from nvidia.dali import fn, pipeline_def
 
-        @pipeline_def(batch_size=1, num_threads=1, device_id=torch.cuda.current_device(), prefetch_queue_depth=1)
+        @pipeline_def(batch_size=1, num_threads=1, device_id=device_id, prefetch_queue_depth=1)
         def probe():
             return fn.external_source(name="x", device="cpu").gpu() * 2
 
@@ -41,4 +45,4 @@ def dali_gpu_status() -> tuple[bool, str]:
     except Exception as err:  # a wheel for another CUDA, no driver support, ...
         text = " ".join(str(err).split())[:200]
         return False, f"DALI cannot run on the GPU ({type(err).__name__}: {text}); it runs CPU-only pipelines"
-    return True, f"DALI GPU pipelines on cuda:{torch.cuda.current_device()}"
+    return True, f"DALI GPU pipelines on cuda:{device_id}"
