@@ -85,7 +85,9 @@ class GraphedTrainStep:
 
     def _step(self) -> tuple[torch.Tensor, torch.Tensor]:
         trainer = self.trainer
-        with trainer.autocast():
+        # No autocast weight cache: inside a caller's outer autocast, casts cached before capture would be baked
+        # into the graph and never see the parameters' updates.
+        with trainer.autocast(cache_enabled=False):
             logits = trainer.forward_model(self.static_images)
             loss = F.cross_entropy(logits, self.static_labels, label_smoothing=trainer.label_smoothing)
         loss.backward()
@@ -108,9 +110,12 @@ class GraphedTrainStep:
 def snapshot_optimizer(optimizer: torch.optim.Optimizer) -> dict:
     """A deep copy of ``optimizer.state_dict()`` (for ``restore_optimizer_in_place``)."""
     state = optimizer.state_dict()
-    return {"state": {k: {n: (v.detach().clone() if torch.is_tensor(v) else v) for n, v in s.items()}
-                      for k, s in state["state"].items()},
-            "param_groups": [dict(group) for group in state["param_groups"]]}
+
+    def copied(values: dict) -> dict:  # state_dict() hands out the live tensors (the lr tensor of a group too)
+        return {n: (v.detach().clone() if torch.is_tensor(v) else v) for n, v in values.items()}
+
+    return {"state": {k: copied(s) for k, s in state["state"].items()},
+            "param_groups": [copied(group) for group in state["param_groups"]]}
 
 
 def restore_optimizer_in_place(optimizer: torch.optim.Optimizer, saved: dict) -> None:

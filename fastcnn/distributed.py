@@ -52,8 +52,9 @@ class DistributedContext:
             torch.cuda.set_device(local_rank)  # so that "cuda" means this process's GPU
             if cuda_graph:
                 # PyTorch's CUDA-graphs notes, "Usage with DistributedDataParallel", NCCL >= 2.9.6, step 1: no
-                # asynchronous NCCL error handling when collectives are captured (set before the group exists).
-                os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
+                # asynchronous NCCL error handling when collectives are captured (set before the group exists;
+                # set, not defaulted: a cluster's own setting of 1 or 3 would break the capture).
+                os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "0"
         if not dist.is_initialized():
             dist.init_process_group(backend=backend)
         return cls(rank, world_size, local_rank, backend)

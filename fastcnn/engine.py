@@ -122,6 +122,13 @@ class Trainer:
         self.model = model.to(device)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        # As fastcnn.config.cuda_graph_conflict refuses them for the CLI: a replayed step would skip float16's loss
+        # scaling (the scaler checks for infinities on the host), and SGD reads a tensor lr on the host.
+        if cuda_graph and amp_dtype == torch.float16:
+            raise ValueError("CUDA graphs cannot capture float16 training (its GradScaler syncs with the host "
+                             "every step); use amp_dtype=torch.bfloat16 or no autocast")
+        if cuda_graph and opt != "adam":
+            raise ValueError(f"CUDA graphs need opt='adam' (capturable); {opt!r} reads the lr on the host")
         if cuda_graph and device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.cuda_graph = cuda_graph
@@ -164,10 +171,10 @@ class Trainer:
         self.eval_model = self.forward_model if not distributed else (
             torch.compile(self.model, mode=compile_mode) if compile else self.model)
 
-    def autocast(self):
+    def autocast(self, cache_enabled: bool = True):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=cache_enabled)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on a batch. Returns (loss, correct): the batch's mean loss and how many of its

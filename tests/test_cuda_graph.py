@@ -44,12 +44,30 @@ def test_optimizer_restore_keeps_tensors_and_values():
     assert optimizer.param_groups[0]["lr"] == lr_before
 
 
+def test_optimizer_snapshot_copies_a_tensor_learning_rate():
+    # With graphs the lr is a device tensor that schedules overwrite in place; state_dict() hands out that very
+    # tensor, so a snapshot that kept it would "restore" whatever the lr had become.
+    from fastcnn.cuda_graph import restore_optimizer_in_place, snapshot_optimizer
+
+    optimizer = torch.optim.Adam(torch.nn.Linear(4, 3).parameters(), lr=torch.tensor(0.01))
+    lr = optimizer.param_groups[0]["lr"]
+    saved = snapshot_optimizer(optimizer)
+    lr.fill_(0.5)
+    restore_optimizer_in_place(optimizer, saved)
+    assert optimizer.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(0.01)
+
+
 def test_cuda_graph_is_refused_where_it_cannot_run():
     from fastcnn.config import TrainConfig, resolve
     from fastcnn.errors import NotAvailableError
 
     with pytest.raises(ValueError, match="CUDA"):
         Trainer(torch.nn.Linear(2, 2), device=torch.device("cpu"), cuda_graph=True)
+    # The Trainer API refuses what the CLI's configuration refuses, on any device
+    with pytest.raises(ValueError, match="float16"):
+        Trainer(torch.nn.Linear(2, 2), device=torch.device("cpu"), cuda_graph=True, amp_dtype=torch.float16)
+    with pytest.raises(ValueError, match="adam"):
+        Trainer(torch.nn.Linear(2, 2), device=torch.device("cpu"), cuda_graph=True, opt="sgd")
     with pytest.raises(NotAvailableError, match="CUDA GPU"):
         resolve(TrainConfig(device="cpu", cuda_graph=True))
 
@@ -66,10 +84,11 @@ def _trainers(**options):
 @pytest.mark.parametrize("schedule", ["constant", "onecycle"])
 @pytest.mark.gpu
 @requires_cuda
-def test_graph_replayed_steps_give_the_same_parameters_as_eager_steps(schedule):
-    torch.backends.cudnn.deterministic = True
-    eager, graphed = _trainers(opt="adam", lr=1e-3, schedule=schedule, total_steps=8)
+def test_graph_replayed_steps_give_the_same_parameters_as_eager_steps(schedule, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     loader = DeviceLoader(synthetic_dataset(8 * 32 + 7), 32, device="cuda", mean=0.13, std=0.31)
+    # one scheduler step per batch, the partial one included (OneCycleLR refuses a step past total_steps)
+    eager, graphed = _trainers(opt="adam", lr=1e-3, schedule=schedule, total_steps=len(loader))
     for images, labels in loader:  # 8 full batches, then a partial one (eager fallback)
         loss_e, _ = eager.train_step(images, labels)
         loss_g, _ = graphed.train_step(images, labels)
