@@ -88,7 +88,9 @@ run_tests() {
   # run on CUDA tensors when a GPU is visible; the other tests are CPU tests that CI runs anyway.
   stage gpu-tests 300 $py -m pytest -q -p no:cacheprovider "${per_test_limit[@]}" -m gpu tests \
     --junitxml="$work/gpu-tests.xml" -rs
-  stage kernel-tests 300 $py -m pytest -q -p no:cacheprovider "${per_test_limit[@]}" -m "not gpu" \
+  # FASTCNN_AUTOTUNE=0: one config per kernel instead of autotuning each of the ~130 test shapes (seconds each);
+  # test_kernel_configs.py runs every config explicitly.
+  FASTCNN_AUTOTUNE=0 stage kernel-tests 300 $py -m pytest -q -p no:cacheprovider "${per_test_limit[@]}" -m "not gpu" \
     tests/test_conv_relu_pool.py tests/test_kernel_configs.py tests/test_accelerate.py tests/test_kernel_choice.py \
     tests/test_cuda_graph.py \
     --junitxml="$work/kernel-tests.xml" -rs

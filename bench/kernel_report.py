@@ -4,7 +4,10 @@ what it shows: per layer, batch, dtype and pass, the fused kernel's speed-up ove
 
     python bench/kernel_report.py bench/results/gpu-h100-kernels.json [--json summary.json]
 
-Ratios are of medians taken in the same pytest run; a missing provider is shown as "-", never guessed.
+Ratios are of medians taken in the same pytest run; a missing provider is shown as "-", never guessed. Times are
+per call: a benchmark round of ``extra_info["calls_per_round"]`` back-to-back calls is divided by that count. The
+CUDA-event medians of ``triton.testing.do_bench`` (``do_bench_us``), where present, give a second pair of ratios
+(``do_bench_vs_cudnn``, ``do_bench_vs_compile``): GPU time alone, without the host's launch overhead.
 """
 
 from __future__ import annotations
@@ -35,20 +38,26 @@ def load(path: pathlib.Path) -> dict:
 def kernel_rows(data: dict) -> list[dict]:
     """One row per (pass, layer, batch, dtype): each provider's median seconds and the fused speed-ups."""
     cells: dict[tuple, dict[str, float]] = defaultdict(dict)
+    events: dict[tuple, dict[str, float]] = defaultdict(dict)
     for bench in data["benchmarks"]:
         info = bench.get("extra_info", {})
         if "layer" not in info or "provider" not in info:
             continue
         key = (info["pass"], info["layer"], info["batch"], info["dtype"])
-        cells[key][info["provider"]] = bench["stats"]["median"]
+        cells[key][info["provider"]] = bench["stats"]["median"] / info.get("calls_per_round", 1)
+        if info.get("do_bench_us") is not None:
+            events[key][info["provider"]] = info["do_bench_us"]
     rows = []
-    for (pass_, layer, batch, dtype), medians in sorted(cells.items()):
-        fused = medians.get("fused")
+    for key, medians in sorted(cells.items()):
+        pass_, layer, batch, dtype = key
+        fused, gpu = medians.get("fused"), events.get(key, {})
         row = dict(pass_=pass_, layer=layer, batch=batch, dtype=dtype,
                    fused_us=_us(fused), cudnn_us=_us(medians.get("cudnn")),
                    compile_us=_us(medians.get("max_autotune")),
                    speedup_vs_cudnn=_ratio(medians.get("cudnn"), fused),
-                   speedup_vs_compile=_ratio(medians.get("max_autotune"), fused))
+                   speedup_vs_compile=_ratio(medians.get("max_autotune"), fused),
+                   do_bench_vs_cudnn=_ratio(gpu.get("cudnn"), gpu.get("fused")),
+                   do_bench_vs_compile=_ratio(gpu.get("max_autotune"), gpu.get("fused")))
         rows.append(row)
     return rows
 
@@ -93,11 +102,12 @@ def format_report(summary: dict) -> str:
     lines = [f"{ctx['device']} | torch {ctx['torch']} | triton {ctx['triton']} | CUDA {ctx['cuda']} | cuDNN "
              f"{ctx['cudnn']} | commit {(ctx['commit'] or '?')[:10]}", "",
              f"{'pass':<17}{'layer':<17}{'batch':>6} {'dtype':<5}{'fused us':>10}{'cuDNN us':>10}{'compile us':>11}"
-             f"{'x cuDNN':>9}{'x compile':>10}"]
+             f"{'x cuDNN':>9}{'x compile':>10}{'GPU-time x cuDNN / x compile':>30}"]
     for r in summary["kernels"]:
         lines.append(f"{r['pass_']:<17}{r['layer']:<17}{r['batch']:>6} {r['dtype']:<5}{_fmt(r['fused_us'])}"
                      f"{_fmt(r['cudnn_us'])}{_fmt(r['compile_us'], 11)}{_fmt(r['speedup_vs_cudnn'], 9, 2)}"
-                     f"{_fmt(r['speedup_vs_compile'], 10, 2)}")
+                     f"{_fmt(r.get('speedup_vs_compile'), 10, 2)}{_fmt(r.get('do_bench_vs_cudnn'), 19, 2)} /"
+                     f"{_fmt(r.get('do_bench_vs_compile'), 9, 2)}")
     if summary["memory"]:
         lines += ["", f"{'train step peak':<17}{'batch':>6} {'amp':<5}{'fused MiB':>10}{'cuDNN MiB':>10}{'ratio':>8}"]
         for r in summary["memory"]:

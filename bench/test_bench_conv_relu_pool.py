@@ -7,8 +7,15 @@ Run on a CUDA machine (skipped elsewhere):
 Select a subset with ``-k``, e.g. ``-k "lenet and bf16 and not max_autotune"``: the max-autotune provider
 compiles (and autotunes) once per shape and dtype, which takes most of the run's wall time. Every entry's
 ``extra_info`` records the device, the torch / triton / CUDA versions, the dtype, the layer shape and the
-provider, so the JSON alone says what was measured. Compile and autotuning are paid in untimed warm-up calls;
-each timed call ends with ``torch.cuda.synchronize()``.
+provider, so the JSON alone says what was measured. Compile and autotuning are paid in untimed warm-up calls.
+
+Timing. One call of a layer is a few microseconds of GPU work, less than a host round-trip, so each timed round
+runs ``CALLS_PER_ROUND`` calls back to back (as training issues them) and then ``torch.cuda.synchronize()``;
+the entry's stats are per round and ``extra_info["calls_per_round"]`` says by how much to divide (the report
+does). ``extra_info["do_bench_us"]`` adds a second opinion: ``triton.testing.do_bench``'s median of CUDA-event
+times per call, with the L2 cache flushed in between.
+
+The memory tests come first in the file, so that a run cut short by a time limit still has them.
 
 Providers:
 - ``fused``: ``fastcnn.conv_relu_pool`` (the Triton kernels: forward, and the fused backward).
@@ -46,6 +53,7 @@ BATCHES = (64, 512, 4096)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PROVIDERS = ("fused", "cudnn", "max_autotune")
 WARMUP_CALLS = 3
+CALLS_PER_ROUND = 20
 
 # One compiled function per (shape, dtype, pass) is more than dynamo's default recompile limit.
 for _name in ("recompile_limit", "cache_size_limit"):
@@ -83,62 +91,35 @@ def _chain(provider: str):
         return conv_relu_pool
     if provider == "cudnn":
         return conv_relu_pool_reference
-    # A fresh function object per benchmark, so each gets its own compiled code and autotuning.
+
+    # Dynamo caches compiled code per code object: every benchmark's shape is a recompile of this one function,
+    # hence the raised recompile limit above.
     def chain(x, weight, bias, padding):
         return F.max_pool2d(F.relu(F.conv2d(x, weight, bias, padding=padding)), 2, 2)
 
     return torch.compile(chain, mode="max-autotune", dynamic=False)
 
 
-def _run_and_time(benchmark, step, *, cudagraphs: bool):
-    def timed():
+def _run_and_time(benchmark, step, *, cudagraphs: bool, calls: int = CALLS_PER_ROUND):
+    def call():
         if cudagraphs:  # max-autotune captures CUDA graphs: tell it each call is a new step
             torch.compiler.cudagraph_mark_step_begin()
         step()
+
+    def timed():
+        for _ in range(calls):
+            call()
         torch.cuda.synchronize()
 
     for _ in range(WARMUP_CALLS):  # compile, autotune, cuDNN algorithm search: not timed
-        timed()
+        call()
+    torch.cuda.synchronize()
+    import triton.testing
+
+    benchmark.extra_info["calls_per_round"] = calls
+    benchmark.extra_info["do_bench_us"] = round(
+        1e3 * float(triton.testing.do_bench(call, warmup=10, rep=40, return_mode="median")), 3)
     benchmark(timed)
-
-
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("layer", list(LAYERS))
-@pytest.mark.parametrize("pass_", ["forward", "forward_backward"])
-def test_conv_relu_pool(benchmark, pass_, layer, batch, dtype_name, provider):
-    c_in, c_out, k, h, w, padding = LAYERS[layer]
-    dtype = DTYPES[dtype_name]
-    torch.manual_seed(0)
-    backward = pass_ == "forward_backward"
-    # The first layer's input is data (no grad_input); later layers get one. Channels-last, as fastcnn trains.
-    x = torch.randn(batch, c_in, h, w, device="cuda", dtype=dtype)
-    x = x.contiguous(memory_format=torch.channels_last)
-    x.requires_grad_(backward and c_in > 1)
-    weight = torch.randn(c_out, c_in, k, k, device="cuda", dtype=dtype) / (c_in * k * k) ** 0.5
-    weight.requires_grad_(backward)
-    bias = torch.zeros(c_out, device="cuda", dtype=dtype, requires_grad=backward)
-    fn = _chain(provider)
-    hp, wp = (h + 2 * padding - k + 1) // 2, (w + 2 * padding - k + 1) // 2
-    grad = torch.randn(batch, c_out, hp, wp, device="cuda", dtype=dtype)
-
-    if backward:
-        def step():
-            fn(x, weight, bias, padding).backward(grad)
-    else:
-        def step():
-            with torch.no_grad():
-                fn(x, weight, bias, padding)
-
-    benchmark.group = f"{pass_} {layer} b{batch} {dtype_name}"
-    benchmark.extra_info.update(_versions())
-    benchmark.extra_info.update({
-        "provider": provider, "pass": pass_, "layer": layer, "dtype": dtype_name, "batch": batch,
-        "shape": [batch, c_in, h, w], "weight": [c_out, c_in, k, k], "padding": padding,
-        "layout": "channels_last", "input_requires_grad": x.requires_grad,
-    })
-    _run_and_time(benchmark, step, cudagraphs=provider == "max_autotune")
 
 
 # --------------------------------------------------------------------------------------------- memory
@@ -189,3 +170,50 @@ def test_training_step_peak_memory(benchmark, provider, model_name, batch, amp):
     })
     print(f"{provider} {model_name} batch {batch} {amp}: peak {peak / 2**20:.1f} MiB")
     _run_and_time(benchmark, step, cudagraphs=False)
+
+
+# --------------------------------------------------------------------------------------------- time
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("layer", list(LAYERS))
+@pytest.mark.parametrize("pass_", ["forward", "forward_backward"])
+def test_conv_relu_pool(benchmark, pass_, layer, batch, dtype_name, provider):
+    c_in, c_out, k, h, w, padding = LAYERS[layer]
+    dtype = DTYPES[dtype_name]
+    torch.manual_seed(0)
+    backward = pass_ == "forward_backward"
+    # The first layer's input is data (no grad_input); later layers get one. Channels-last, as fastcnn trains.
+    x = torch.randn(batch, c_in, h, w, device="cuda", dtype=dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(backward and c_in > 1)
+    weight = torch.randn(c_out, c_in, k, k, device="cuda", dtype=dtype) / (c_in * k * k) ** 0.5
+    weight.requires_grad_(backward)
+    bias = torch.zeros(c_out, device="cuda", dtype=dtype, requires_grad=backward)
+    fn = _chain(provider)
+    hp, wp = (h + 2 * padding - k + 1) // 2, (w + 2 * padding - k + 1) // 2
+    grad = torch.randn(batch, c_out, hp, wp, device="cuda", dtype=dtype)
+
+    leaves = [t for t in (x, weight, bias) if t.requires_grad]
+    if backward:
+        def step():
+            # Fresh gradients each call: accumulating into the last call's .grad would time an extra add, and with
+            # max-autotune's CUDA graphs that .grad is the previous replay's output, overwritten by the next one.
+            for leaf in leaves:
+                leaf.grad = None
+            fn(x, weight, bias, padding).backward(grad)
+    else:
+        def step():
+            with torch.no_grad():
+                fn(x, weight, bias, padding)
+
+    benchmark.group = f"{pass_} {layer} b{batch} {dtype_name}"
+    benchmark.extra_info.update(_versions())
+    benchmark.extra_info.update({
+        "provider": provider, "pass": pass_, "layer": layer, "dtype": dtype_name, "batch": batch,
+        "shape": [batch, c_in, h, w], "weight": [c_out, c_in, k, k], "padding": padding,
+        "layout": "channels_last", "input_requires_grad": x.requires_grad,
+    })
+    _run_and_time(benchmark, step, cudagraphs=provider == "max_autotune")

@@ -43,7 +43,9 @@ def test_training_step_throughput(benchmark, config, model, batch_size):
         pytest.skip("the fused kernel runs on a CPU only under the Triton interpreter; measure it on a GPU")
     train_set, test_set = load_splits(rc)
     trainer, train_loader, test_loader = build_trainer(rc, train_set, test_set)
-    warm_up(rc, trainer, train_loader, test_loader)
+    warm_up(rc, trainer, train_loader, test_loader, always=True, evaluate=False)  # as fastcnn bench's step mode
+    if rc.torch_device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # the timed steps' peak, not warm-up's
     stream = itertools.chain.from_iterable(itertools.repeat(train_loader))
 
     def steps():

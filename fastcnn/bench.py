@@ -3,13 +3,28 @@
 Step mode (default): for each configuration, untimed warm-up steps, then ``repeats`` timed runs of ``steps``
 training steps each (data loading included, because that is what the tutorial loop pays), with the device
 synchronized before every clock read; the median is reported. Epoch mode (``--epoch``): each configuration
-trains one full epoch, timed like ``fastcnn train`` (warm-up excluded), and is evaluated on the test set.
+trains one full epoch, timed like ``fastcnn train``, and is evaluated on the test set. Warm-up is excluded for
+every configuration, the reference included (a GPU's first steps pay cuBLAS/cuDNN set-up).
+
+The reference line runs the tutorial's model, data pipeline (DataLoader + per-sample ToTensor + Normalize),
+optimizer and precision in fastcnn's training loop, which reads nothing back per step; the tutorials' loops also
+call ``loss.item()`` every step, a host sync that would only make the reference slower on a GPU. Speed-ups over it
+are therefore, if anything, understated.
+
+Memory: ``peak_memory_mb`` is the device's peak allocation while the timed work ran (resident dataset, model,
+optimizer, CUDA graph pool included); ``step_memory_mb`` is that peak minus what was allocated before it (the
+activations and temporaries of the steps themselves). Each configuration starts after the previous one's memory
+is freed.
+
+Interrupted (Ctrl-C, or a time limit's SIGINT): the configurations measured so far are printed and written, the
+document says ``"interrupted": true``, and the command still exits 130.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import itertools
 import pathlib
 import statistics
@@ -74,8 +89,12 @@ def configured(base: TrainConfig, bench: BenchConfig) -> TrainConfig:
 
 
 def time_steps(rc: ResolvedConfig, train_set, test_set, *, steps: int, warmup: int, repeats: int) -> dict:
+    _free_device_memory(rc.torch_device)
     trainer, train_loader, test_loader = build_trainer(rc, train_set, test_set)
-    compile_seconds = warm_up(rc, trainer, train_loader, test_loader)
+    # Compile only what the timed steps run: no evaluation, and the epoch's smaller last batch only if reached.
+    reaches_last_batch = warmup + repeats * steps >= len(train_loader)
+    compile_seconds = warm_up(rc, trainer, train_loader, test_loader, always=True, evaluate=False,
+                              last_batch=reaches_last_batch)
 
     def batches():
         for epoch in itertools.count():
@@ -84,8 +103,7 @@ def time_steps(rc: ResolvedConfig, train_set, test_set, *, steps: int, warmup: i
 
     stream = batches()
     device = rc.torch_device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    baseline = _reset_peak(device)
     for _ in range(warmup):
         trainer.train_step(*next(stream))
     times, rates = [], []
@@ -104,33 +122,55 @@ def time_steps(rc: ResolvedConfig, train_set, test_set, *, steps: int, warmup: i
     step = statistics.median(times)
     return dict(ms_per_step=step * 1e3, ms_per_step_p20=_quantile(times, 0.2) * 1e3,
                 ms_per_step_p80=_quantile(times, 0.8) * 1e3, images_per_second=statistics.median(rates),
-                compile_seconds=compile_seconds, peak_memory_mb=_peak_mb(device),
+                compile_seconds=compile_seconds, **_peaks(device, baseline),
                 kernel_choices=[timing.to_dict() for timing in trainer.kernel_timings],
                 cuda_graph=trainer.graph_status)
 
 
 def time_epoch(rc: ResolvedConfig, train_set, test_set) -> dict:
+    _free_device_memory(rc.torch_device)
     trainer, train_loader, test_loader = build_trainer(rc, train_set, test_set)
-    compile_seconds = warm_up(rc, trainer, train_loader, test_loader)
-    if rc.torch_device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(rc.torch_device)
+    compile_seconds = warm_up(rc, trainer, train_loader, test_loader, always=True)
+    baseline = _reset_peak(rc.torch_device)
     train_loader.set_epoch(0)
     stats = trainer.train_epoch(train_loader)
+    peaks = _peaks(rc.torch_device, baseline)  # training's, before evaluation allocates its own
     _, test_acc = trainer.evaluate(test_loader)
     return dict(epoch_seconds=stats.seconds, images_per_second=stats.images_per_second,
                 ms_per_step=1e3 * stats.seconds / max(len(train_loader), 1), test_acc=test_acc,
-                compile_seconds=compile_seconds, peak_memory_mb=_peak_mb(rc.torch_device),
+                compile_seconds=compile_seconds, **peaks,
                 kernel_choices=[timing.to_dict() for timing in trainer.kernel_timings],
                 cuda_graph=trainer.graph_status)
+
+
+def _free_device_memory(device: torch.device) -> None:
+    """Free what an earlier configuration left (a trainer and its captured graph refer to each other, so only
+    the garbage collector frees them), so that it counts in nobody's peak."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _reset_peak(device: torch.device) -> int:
+    """Start a peak measurement; returns what is allocated now (the baseline)."""
+    if device.type != "cuda":
+        return 0
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def _peaks(device: torch.device, baseline: int) -> dict:
+    if device.type != "cuda":
+        return dict(peak_memory_mb=None, step_memory_mb=None)
+    synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    return dict(peak_memory_mb=peak / 2**20, step_memory_mb=(peak - baseline) / 2**20)
 
 
 def _quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def _peak_mb(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
 def run_bench(base: TrainConfig, configs: list[BenchConfig], *, steps: int = 50, warmup: int = 10,
@@ -168,23 +208,38 @@ def run_bench(base: TrainConfig, configs: list[BenchConfig], *, steps: int = 50,
         if "skipped" in row:
             print(f"  {bench.name}: skipped: {row['skipped']}", file=log)
     samples: dict[str, list[dict]] = {row["config"]: [] for row, _ in runnable}
-    for round_index in range(repeats if epoch else 1):
-        for row, rc in runnable:
-            if "failed" in row:
-                continue
-            print(f"  {row['config']}: measuring" + (f" (round {round_index + 1}/{repeats})" if epoch else ""),
-                  file=log)
-            try:
-                samples[row["config"]].append(time_epoch(rc, train_set, test_set) if epoch else time_steps(
-                    rc, train_set, test_set, steps=steps, warmup=warmup, repeats=repeats))
-            except Exception as err:  # one broken configuration must not hide the others' results
-                row["failed"] = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
-                print(f"  {row['config']}: failed: {row['failed']}", file=log)
+    interrupted = False
+    try:
+        for round_index in range(repeats if epoch else 1):
+            for row, rc in runnable:
+                if "failed" in row:
+                    continue
+                print(f"  {row['config']}: measuring" + (f" (round {round_index + 1}/{repeats})" if epoch else ""),
+                      file=log)
+                try:
+                    sample = time_epoch(rc, train_set, test_set) if epoch else time_steps(
+                        rc, train_set, test_set, steps=steps, warmup=warmup, repeats=repeats)
+                except Exception as err:  # one broken configuration must not hide the others' results
+                    row["failed"] = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+                    print(f"  {row['config']}: failed: {row['failed']}", file=log)
+                    continue
+                samples[row["config"]].append(sample)
+                # Each measurement in the log as it comes: a run killed later still leaves these lines.
+                print(f"  {row['config']}: {sample['images_per_second']:,.0f} images/s, "
+                      f"{sample['ms_per_step']:.3f} ms/step" +
+                      (f", test acc {sample['test_acc']:.2f}%" if epoch else "") + f", graph {sample['cuda_graph']}",
+                      file=log, flush=True)
+    except KeyboardInterrupt:
+        interrupted = True
+        print("  interrupted: reporting the configurations measured so far", file=log)
     reference_rate = previous_rate = None
     for row, _ in runnable:
+        runs = samples[row["config"]]
         if "failed" in row:
             continue
-        runs = samples[row["config"]]
+        if not runs:
+            row["failed"] = "not measured: the run was interrupted first"
+            continue
         if epoch:
             row.update(_median_epoch(runs))
         else:
@@ -201,7 +256,7 @@ def run_bench(base: TrainConfig, configs: list[BenchConfig], *, steps: int = 50,
         steps=None if epoch else steps, warmup=None if epoch else warmup, repeats=repeats,
         baseline=baseline, device=str(device), device_name=env.device_name(device), versions=env.versions(),
         git_commit=env.git_commit(), command=" ".join(["fastcnn"] + sys.argv[1:]),
-        date=datetime.datetime.now().isoformat(timespec="seconds"), results=rows)
+        date=datetime.datetime.now().isoformat(timespec="seconds"), interrupted=interrupted, results=rows)
 
 
 def _median_epoch(runs: list[dict]) -> dict:
@@ -216,13 +271,15 @@ def format_results(doc: dict) -> str:
     if epoch:
         columns += [("epoch_seconds", "epoch s", ".2f"), ("test_acc", "test acc", ".2f")]
     columns += [("speedup_vs_first", f"x {doc['baseline']}", ".2f"), ("speedup_vs_previous", "x previous", ".2f"),
-                ("peak_memory_mb", "peak MiB", ".1f")]
+                ("peak_memory_mb", "peak MiB", ".1f"), ("step_memory_mb", "step MiB", ".1f")]
     measured = [row for row in doc["results"] if "images_per_second" in row]
     lines = [f"{doc['model']} on {doc['dataset']}, batch {doc['batch_size']}, {doc['device_name']}, torch "
              f"{doc['versions']['torch']}; " + (f"median of {doc['repeats']} interleaved round(s)" if epoch else
                                                  f"median of {doc['repeats']} x {doc['steps']} steps after "
                                                  f"{doc['warmup']} warm-up"), ""]
     lines.append(format_table(measured, columns) if measured else "(nothing measured)")
+    if doc.get("interrupted"):
+        lines.append("INTERRUPTED: only the configurations above were measured")
     for row in doc["results"]:
         for outcome in ("skipped", "failed"):
             if outcome in row:
@@ -264,4 +321,6 @@ def run_bench_command(args, base: TrainConfig) -> dict | None:
     doc = run_bench(base, configs, steps=args.steps, warmup=args.warmup, repeats=args.repeats, epoch=args.epoch)
     print(format_results(doc))
     write_results(doc, args.json, args.plot, plot_results)
+    if doc["interrupted"]:
+        raise KeyboardInterrupt  # written, and still the exit status of an interrupted command
     return doc

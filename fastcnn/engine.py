@@ -166,10 +166,13 @@ class Trainer:
                 torch.cuda.current_stream().wait_stream(self.graph_stream)
             else:
                 train_model = DistributedDataParallel(self.model, device_ids=device_ids)
-        self.forward_model = torch.compile(train_model, mode=compile_mode) if compile else train_model
+        # dynamic=False: the epoch's smaller last batch gets a static graph of its own (compiled in warm-up).
+        # Left automatic, it would recompile with a symbolic batch size, and dynamo then tries that newest entry
+        # first, so every full batch after it would run the dynamic graph.
+        self.forward_model = torch.compile(train_model, mode=compile_mode, dynamic=False) if compile else train_model
         # Evaluation runs on the plain module: no gradient buckets to sync, same weights on every rank.
         self.eval_model = self.forward_model if not distributed else (
-            torch.compile(self.model, mode=compile_mode) if compile else self.model)
+            torch.compile(self.model, mode=compile_mode, dynamic=False) if compile else self.model)
 
     def autocast(self, cache_enabled: bool = True):
         if self.amp_dtype is None:

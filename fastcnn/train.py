@@ -219,16 +219,21 @@ def build_trainer(rc: ResolvedConfig, train_set: ImageDataset, test_set: ImageDa
 
 
 def warm_up(rc: ResolvedConfig, trainer: Trainer, train_loader, test_loader,
-            ctx: DistributedContext | None = None, known_kernels: list[KernelTiming] | None = None) -> float:
+            ctx: DistributedContext | None = None, known_kernels: list[KernelTiming] | None = None, *,
+            always: bool = False, evaluate: bool = True, last_batch: bool = True) -> float:
     """Pay one-time costs (compilation, autotuning) before the clock starts; returns their seconds.
     Model, optimizer and RNG are put back as they were, so training itself is unchanged.
 
     ``kernel="auto"`` is decided here by measurement (``known_kernels``: a resumed run's, not measured again);
-    with several processes rank 0 measures and every rank takes its choices."""
+    with several processes rank 0 measures and every rank takes its choices. Training warms up only where there
+    is something to pay in advance; benchmarks pass ``always`` (a GPU's first steps pay cuBLAS and cuDNN set-up
+    too), and ``evaluate=False`` / ``last_batch=False`` when they will not time those shapes."""
     seconds = 0.0
     ctx = ctx or DistributedContext()
-    if rc.compile or rc.cuda_graph or (rc.kernel != "torch" and rc.device == "cuda"):
-        seconds = trainer.warm_up(batch_shapes(train_loader), batch_shapes(test_loader),
+    if always or rc.compile or rc.cuda_graph or (rc.kernel != "torch" and rc.device == "cuda"):
+        shapes = batch_shapes(train_loader)
+        seconds = trainer.warm_up(shapes if last_batch else shapes[:1],
+                                  batch_shapes(test_loader) if evaluate else [],
                                   known_kernels=known_kernels or (), measure_kernels=ctx.is_main,
                                   agree_on_kernels=ctx.from_main if ctx.enabled else None)
     synchronize(rc.torch_device)

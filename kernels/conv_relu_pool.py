@@ -43,8 +43,16 @@ import triton.language as tl
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# FASTCNN_AUTOTUNE=0: each kernel takes its first GPU config, without benchmarking. For test runs on a GPU, where
+# every new shape would otherwise autotune (seconds each, hundreds of shapes); tests/test_kernel_configs.py checks
+# every config explicitly.
+_AUTOTUNE = os.environ.get("FASTCNN_AUTOTUNE", "1") != "0"
+
+
 def _configs(gpu: list[triton.Config], interpret: triton.Config) -> list[triton.Config]:
-    return [interpret] if _INTERPRET else gpu
+    if _INTERPRET:
+        return [interpret]
+    return gpu if _AUTOTUNE else gpu[:1]
 
 
 # The configs a GPU autotunes over. The interpreter runs only one small config per kernel (below), so

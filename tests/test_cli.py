@@ -62,6 +62,34 @@ def test_bench_ablation_runs_on_cpu_and_skips_gpu_lines_with_a_reason(capsys):
         assert "skipped cuda-graph" in out and "skipped fused" in out
 
 
+def test_an_interrupted_bench_writes_what_it_measured_and_exits_130(tmp_path, capsys, monkeypatch):
+    # A time limit's SIGINT arrives while the second configuration is measured: the first one's numbers are
+    # printed and written (atomically), marked as interrupted, and the exit status is still that of Ctrl-C.
+    import fastcnn.bench
+
+    real_time_steps = fastcnn.bench.time_steps
+    calls = []
+
+    def interrupted_on_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_time_steps(*args, **kwargs)
+
+    monkeypatch.setattr(fastcnn.bench, "time_steps", interrupted_on_the_second)
+    json_path = tmp_path / "bench.json"
+    code = main(["bench", "--synthetic-size", "600,100", "--steps", "2", "--warmup", "0", "--repeats", "1",
+                 "--configs", "reference,device,fast", "--json", str(json_path)])
+    captured = capsys.readouterr()
+    assert code == 130
+    doc = json.loads(json_path.read_text())
+    assert doc["interrupted"] is True
+    reference, device, fast = doc["results"]
+    assert reference["images_per_second"] > 0
+    assert device["failed"].startswith("not measured") and fast["failed"].startswith("not measured")
+    assert "INTERRUPTED" in captured.out and "reference: " in captured.err  # the per-configuration log line
+
+
 def test_bench_epoch_mode_reports_accuracy(capsys):
     code = main(["bench", "--epoch", "--synthetic-size", "1500,300", "--configs", "reference,fast"])
     out = capsys.readouterr().out

@@ -110,4 +110,15 @@ def test_every_kernel_autotunes_over_its_gpu_configs_except_under_the_interprete
     for name, autotuned in (("fwd", kernels.conv_relu_pool_fwd_kernel),
                             ("bwd_weight", kernels.conv_relu_pool_bwd_weight_kernel),
                             ("bwd_input", kernels.conv_relu_pool_bwd_input_kernel)):
-        assert autotuned.configs == ([autotuned.configs[0]] if DEVICE == "cpu" else kernels.GPU_CONFIGS[name])
+        gpu = kernels.GPU_CONFIGS[name] if kernels._AUTOTUNE else kernels.GPU_CONFIGS[name][:1]
+        assert autotuned.configs == ([autotuned.configs[0]] if DEVICE == "cpu" else gpu)
+
+
+def test_autotuning_can_be_turned_off_for_test_runs(monkeypatch):
+    small = kernels.GPU_CONFIGS["fwd"][-1]
+    monkeypatch.setattr(kernels, "_INTERPRET", False)
+    assert kernels._configs(kernels.GPU_CONFIGS["fwd"], small) == kernels.GPU_CONFIGS["fwd"]
+    monkeypatch.setattr(kernels, "_AUTOTUNE", False)  # FASTCNN_AUTOTUNE=0
+    assert kernels._configs(kernels.GPU_CONFIGS["fwd"], small) == kernels.GPU_CONFIGS["fwd"][:1]
+    monkeypatch.setattr(kernels, "_INTERPRET", True)
+    assert kernels._configs(kernels.GPU_CONFIGS["fwd"], small) == [small]

@@ -49,6 +49,21 @@ def test_speedups_memory_and_targets():
     assert "slower than cuDNN in 1 of 2 cases" in text and "NVIDIA H100" in text
 
 
+def test_rounds_of_several_calls_are_divided_and_gpu_time_ratios_reported():
+    def per_round(provider, seconds, gpu_us):
+        entry = timing(provider, seconds)
+        entry["extra_info"].update(calls_per_round=20, do_bench_us=gpu_us)
+        return entry
+
+    summary = kernel_report.report(document(per_round("fused", 20 * 10e-6, 8.0), per_round("cudnn", 20 * 30e-6, 20.0),
+                                            per_round("max_autotune", 20 * 15e-6, 10.0)))
+    row = summary["kernels"][0]
+    assert row["fused_us"] == pytest.approx(10.0) and row["cudnn_us"] == pytest.approx(30.0)
+    assert row["speedup_vs_cudnn"] == pytest.approx(3.0) and row["speedup_vs_compile"] == pytest.approx(1.5)
+    assert row["do_bench_vs_cudnn"] == pytest.approx(2.5) and row["do_bench_vs_compile"] == pytest.approx(1.25)
+    assert "2.50 /     1.25" in kernel_report.format_report(summary)
+
+
 def test_missing_measurements_are_not_measured_rather_than_failed():
     summary = kernel_report.report(document(timing("fused", 1e-4, layer="lenet.conv2")))
     assert all(t["met"] is None for t in summary["targets"].values())
