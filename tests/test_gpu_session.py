@@ -21,8 +21,9 @@ def test_a_stage_runs_and_its_results_come_back_packed(tmp_path):
     with tarfile.open(tmp_path / "gpu-results.tar.gz") as archive:
         names = archive.getnames()
         stages = archive.extractfile("gpu-results/stages.txt").read().decode()
-    assert "gpu-results/kernels.log" in names and stages.startswith("kernels exit=0")
-    assert "stage kernels: exit 0" in (tmp_path / "gpu-session.log").read_text()
+    assert {"gpu-results/kernels-target.log", "gpu-results/kernels-all.log"} <= set(names)
+    assert stages.startswith("kernels-target exit=0") and "kernels-all exit=0" in stages
+    assert "stage kernels-target: exit 0" in (tmp_path / "gpu-session.log").read_text()
 
 
 def test_an_unknown_stage_is_refused_after_packing_what_ran(tmp_path):
