@@ -103,7 +103,7 @@ run_kernels() {
   # max-autotune compiles take most of the time, so only the target cell has them.
   local target="$work/gpu-$gpu-kernels-target.json" all="$work/gpu-$gpu-kernels.json"
   local timing=(--benchmark-max-time=0.3 --benchmark-min-rounds=20)
-  stage kernels-target 300 $py -m pytest -q -p no:cacheprovider bench/test_bench_conv_relu_pool.py \
+  stage kernels-target 240 $py -m pytest -q -p no:cacheprovider bench/test_bench_conv_relu_pool.py \
     -k "simplecnn and 512 and bf16" --benchmark-json="$target" "${timing[@]}"
   [ -f "$target" ] && stage kernel-report-target 60 $py bench/kernel_report.py "$target" \
     --json "$work/gpu-$gpu-kernel-target-summary.json"
@@ -122,7 +122,7 @@ run_ablation() {
 run_epoch() {
   stage epoch-b64 300 "${fastcnn[@]}" bench --epoch --dataset mnist -b 64 --repeats 1 \
     --configs reference,fast,compile,fused,cuda-graph --json "$work/gpu-$gpu-epoch-b64.json"
-  stage epoch-b512 180 "${fastcnn[@]}" bench --epoch --dataset mnist -b 512 --repeats 2 --configs fast,fused,cuda-graph \
+  stage epoch-b512 180 "${fastcnn[@]}" bench --epoch --dataset mnist -b 512 --repeats 3 --configs fast,fused,cuda-graph \
     --json "$work/gpu-$gpu-epoch-b512.json"
 }
 

@@ -232,6 +232,14 @@ def run_bench(base: TrainConfig, configs: list[BenchConfig], *, steps: int = 50,
     except KeyboardInterrupt:
         interrupted = True
         print("  interrupted: reporting the configurations measured so far", file=log)
+    rounds_completed = repeats if epoch else 1
+    if interrupted and epoch:
+        # Interleaved rounds are comparable only whole: keep the rounds every measured configuration finished
+        # (or the interrupted first round, where each configuration has at most one run).
+        counts = [len(runs) for runs in samples.values() if runs]
+        rounds_completed = max(1, min(counts)) if counts else 0
+        for name in samples:
+            samples[name] = samples[name][:rounds_completed]
     reference_rate = previous_rate = None
     for row, _ in runnable:
         runs = samples[row["config"]]
@@ -254,14 +262,19 @@ def run_bench(base: TrainConfig, configs: list[BenchConfig], *, steps: int = 50,
     return dict(
         mode="epoch" if epoch else "steps", model=first.model, dataset=first.dataset, batch_size=first.batch_size,
         steps=None if epoch else steps, warmup=None if epoch else warmup, repeats=repeats,
+        rounds_completed=rounds_completed if epoch else None,
         baseline=baseline, device=str(device), device_name=env.device_name(device), versions=env.versions(),
         git_commit=env.git_commit(), command=" ".join(["fastcnn"] + sys.argv[1:]),
         date=datetime.datetime.now().isoformat(timespec="seconds"), interrupted=interrupted, results=rows)
 
 
 def _median_epoch(runs: list[dict]) -> dict:
+    """The run of median epoch time; with an even count, the median of the two middle runs' figures (the faster
+    of the two alone would flatter whichever configuration it is)."""
     seconds = [run["epoch_seconds"] for run in runs]
-    middle = sorted(runs, key=lambda run: run["epoch_seconds"])[(len(runs) - 1) // 2]
+    middle = dict(sorted(runs, key=lambda run: run["epoch_seconds"])[(len(runs) - 1) // 2])
+    for key in ("epoch_seconds", "images_per_second", "ms_per_step", "test_acc"):
+        middle[key] = statistics.median(run[key] for run in runs)
     return dict(middle, epoch_seconds_all=seconds, test_acc_all=[run["test_acc"] for run in runs])
 
 
@@ -273,10 +286,10 @@ def format_results(doc: dict) -> str:
     columns += [("speedup_vs_first", f"x {doc['baseline']}", ".2f"), ("speedup_vs_previous", "x previous", ".2f"),
                 ("peak_memory_mb", "peak MiB", ".1f"), ("step_memory_mb", "step MiB", ".1f")]
     measured = [row for row in doc["results"] if "images_per_second" in row]
+    how = (f"median of {doc['rounds_completed']} interleaved round(s)" if epoch else
+           f"median of {doc['repeats']} x {doc['steps']} steps after {doc['warmup']} warm-up")
     lines = [f"{doc['model']} on {doc['dataset']}, batch {doc['batch_size']}, {doc['device_name']}, torch "
-             f"{doc['versions']['torch']}; " + (f"median of {doc['repeats']} interleaved round(s)" if epoch else
-                                                 f"median of {doc['repeats']} x {doc['steps']} steps after "
-                                                 f"{doc['warmup']} warm-up"), ""]
+             f"{doc['versions']['torch']}; {how}", ""]
     lines.append(format_table(measured, columns) if measured else "(nothing measured)")
     if doc.get("interrupted"):
         lines.append("INTERRUPTED: only the configurations above were measured")

@@ -247,14 +247,25 @@ def apply_choices(model: nn.Module, timings: Iterable[KernelTiming]) -> None:
             modules[timing.layer].kernel_choices[timing.key] = timing.choice
 
 
-def choices_to_state(timings: Iterable[KernelTiming], device_name: str) -> dict:
-    """The choices of a run, for its checkpoint; they are only valid on the GPU they were measured on."""
-    return dict(device=device_name, calls=[timing.to_state() for timing in timings])
+def measured_where(device: torch.device) -> str:
+    """What a measurement holds for: the device's name and the software that made both contestants' kernels (an
+    upgrade of any of them can change the winner)."""
+    from fastcnn import env
+
+    cudnn = torch.backends.cudnn.version() if device.type == "cuda" else None
+    return (f"{env.device_name(device)} | torch {torch.__version__} | triton {env.versions()['triton']} | "
+            f"cudnn {cudnn}")
 
 
-def choices_from_state(state: dict | None, device_name: str) -> list[KernelTiming]:
-    """A checkpoint's choices when they were measured on a GPU of the same name, else none (measure again)."""
-    if not state or state.get("device") != device_name:
+def choices_to_state(timings: Iterable[KernelTiming], where: str) -> dict:
+    """The choices of a run, for its checkpoint; ``where``: ``measured_where`` of the device that measured them."""
+    return dict(measured_where=where, calls=[timing.to_state() for timing in timings])
+
+
+def choices_from_state(state: dict | None, where: str) -> list[KernelTiming]:
+    """A checkpoint's choices when they were measured on the same GPU with the same software, else none (measure
+    again)."""
+    if not state or state.get("measured_where") != where:
         return []
     return [KernelTiming.from_state(call) for call in state.get("calls", [])]
 

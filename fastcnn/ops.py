@@ -43,7 +43,10 @@ try:
     _TRITON_ERROR: str | None = None
 except (ImportError, RuntimeError) as err:
     # No triton on this platform, or (triton <= 3.2 on a machine without a GPU) @triton.autotune finding no
-    # active driver at definition: every device takes the aten branch.
+    # active driver at definition: every device takes the aten branch. With a GPU, a RuntimeError here is a real
+    # fault that must not turn into a silent fallback.
+    if isinstance(err, RuntimeError) and torch.cuda.is_available():
+        raise
     _TRITON_ERROR = f"{type(err).__name__}: {err}"
 
 __all__ = ["conv_relu_pool", "conv_relu_pool_reference", "fused_kernel_status", "INTERPRET_ON_CPU"]

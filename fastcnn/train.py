@@ -25,14 +25,14 @@ import time
 import torch
 from tqdm import tqdm
 
-from fastcnn import env
+from fastcnn import env, kernel_choice
 from fastcnn.checkpoint import load_checkpoint, save_checkpoint
 from fastcnn.config import ResolvedConfig, TrainConfig, resolve
 from fastcnn.data import ImageDataset, load_dataset, make_loader
 from fastcnn.distributed import DistributedContext, per_rank_batch_size
 from fastcnn.engine import PROGRESS_REFRESH_STEPS, EpochProgress, EpochStats, Trainer, check_finite, synchronize
 from fastcnn.errors import FastcnnError, NotAvailableError, TrainingDivergedError, UsageError
-from fastcnn.kernel_choice import KernelTiming, choices_from_state, choices_to_state
+from fastcnn.kernel_choice import KernelTiming, choices_from_state, choices_to_state, measured_where
 from fastcnn.models import build_model
 from fastcnn.report import EPOCH_COLUMNS, format_table, plot_curves, write_json, write_metrics
 
@@ -230,7 +230,10 @@ def warm_up(rc: ResolvedConfig, trainer: Trainer, train_loader, test_loader,
     too), and ``evaluate=False`` / ``last_batch=False`` when they will not time those shapes."""
     seconds = 0.0
     ctx = ctx or DistributedContext()
-    if always or rc.compile or rc.cuda_graph or (rc.kernel != "torch" and rc.device == "cuda"):
+    # kernel="auto" measures wherever it may pick the fused kernel (on CUDA; tests let the CPU take part)
+    may_fuse = (rc.kernel == "triton" and rc.device == "cuda") or (
+        rc.kernel == "auto" and kernel_choice.fused_is_an_option(rc.torch_device))
+    if always or rc.compile or rc.cuda_graph or may_fuse:
         shapes = batch_shapes(train_loader)
         seconds = trainer.warm_up(shapes if last_batch else shapes[:1],
                                   batch_shapes(test_loader) if evaluate else [],
@@ -357,7 +360,7 @@ def _train(cfg: TrainConfig, rc: ResolvedConfig, ctx: DistributedContext, train_
 
     known_kernels = []
     if resume_state is not None:
-        known_kernels = choices_from_state(resume_state.get("kernel_choices"), env.device_name(rc.torch_device))
+        known_kernels = choices_from_state(resume_state.get("kernel_choices"), measured_where(rc.torch_device))
     warmup_seconds = warm_up(rc, trainer, train_loader, test_loader, ctx, known_kernels)
     install_test_fault(trainer, ctx.rank)
     setup_seconds = time.perf_counter() - started
@@ -389,7 +392,7 @@ def _train(cfg: TrainConfig, rc: ResolvedConfig, ctx: DistributedContext, train_
                     history=history, train_seconds=train_seconds, eval_seconds=eval_seconds, config=config_dict(rc),
                     rng=capture_rng(),
                     classes=list(train_set.classes), image_shape=list(train_set.image_shape),
-                    kernel_choices=choices_to_state(trainer.kernel_timings, env.device_name(rc.torch_device)))
+                    kernel_choices=choices_to_state(trainer.kernel_timings, measured_where(rc.torch_device)))
 
     try:
         with StopRequests() as stop:

@@ -80,14 +80,14 @@ GPU_CONFIGS: dict[str, list[triton.Config]] = {
     ],
 }
 # Under the interpreter: one small config, so the autotuner has nothing to benchmark.
-_FWD_CONFIGS = _configs(
-    GPU_CONFIGS["fwd"], triton.Config({"BLOCK_P": 32, "BLOCK_CO": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1))
-_BWD_WEIGHT_CONFIGS = _configs(
-    GPU_CONFIGS["bwd_weight"],
-    triton.Config({"BLOCK_P": 32, "BLOCK_CO": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1))
-_BWD_INPUT_CONFIGS = _configs(
-    GPU_CONFIGS["bwd_input"],
-    triton.Config({"BLOCK_Q": 32, "BLOCK_CI": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1))
+INTERPRETER_CONFIGS: dict[str, triton.Config] = {
+    "fwd": triton.Config({"BLOCK_P": 32, "BLOCK_CO": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1),
+    "bwd_weight": triton.Config({"BLOCK_P": 32, "BLOCK_CO": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1),
+    "bwd_input": triton.Config({"BLOCK_Q": 32, "BLOCK_CI": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1),
+}
+_FWD_CONFIGS = _configs(GPU_CONFIGS["fwd"], INTERPRETER_CONFIGS["fwd"])
+_BWD_WEIGHT_CONFIGS = _configs(GPU_CONFIGS["bwd_weight"], INTERPRETER_CONFIGS["bwd_weight"])
+_BWD_INPUT_CONFIGS = _configs(GPU_CONFIGS["bwd_input"], INTERPRETER_CONFIGS["bwd_input"])
 
 # The batch size is left out of the key on purpose: the best tile hardly depends on it (the grid grows with it),
 # and keying on it would autotune again, inside a timed epoch, for the smaller last batch.

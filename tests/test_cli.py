@@ -90,6 +90,41 @@ def test_an_interrupted_bench_writes_what_it_measured_and_exits_130(tmp_path, ca
     assert "INTERRUPTED" in captured.out and "reference: " in captured.err  # the per-configuration log line
 
 
+def test_an_interrupted_epoch_bench_keeps_only_whole_rounds(capsys, monkeypatch):
+    # Interrupted in round 2 of 3, after `reference` ran twice and `device` once: comparing reference's two runs
+    # with device's one would not be one interleaved measurement; round 1 alone is.
+    import fastcnn.bench
+
+    calls = []
+
+    def scripted_epoch(rc, train_set, test_set):
+        calls.append(rc.loader)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        seconds = {"torch": 2.0, "device": 1.0}[rc.loader] * calls.count(rc.loader)  # later rounds: slower
+        return dict(epoch_seconds=seconds, images_per_second=100 / seconds, ms_per_step=seconds, test_acc=90.0,
+                    compile_seconds=0.0, peak_memory_mb=None, step_memory_mb=None, kernel_choices=[],
+                    cuda_graph="off")
+
+    monkeypatch.setattr(fastcnn.bench, "time_epoch", scripted_epoch)
+    code = main(["bench", "--epoch", "--synthetic-size", "600,100", "--configs", "reference,device", "--repeats", "3"])
+    captured = capsys.readouterr()
+    assert code == 130 and calls == ["torch", "device", "torch", "device"]
+    assert "median of 1 interleaved round(s)" in captured.out
+    rows = {line.split()[0]: line.split() for line in captured.out.splitlines()
+            if line.strip().startswith(("reference", "device"))}
+    assert rows["reference"][3] == "2.00" and rows["device"][3] == "1.00"  # round 1's epoch seconds, not round 2's
+
+
+def test_an_even_number_of_epoch_rounds_reports_their_median_not_the_faster():
+    from fastcnn.bench import _median_epoch
+
+    runs = [dict(epoch_seconds=s, images_per_second=60 / s, ms_per_step=s, test_acc=a)
+            for s, a in ((2.0, 90.0), (4.0, 92.0))]
+    middle = _median_epoch(runs)
+    assert middle["epoch_seconds"] == 3.0 and middle["images_per_second"] == 22.5 and middle["test_acc"] == 91.0
+
+
 def test_bench_epoch_mode_reports_accuracy(capsys):
     code = main(["bench", "--epoch", "--synthetic-size", "1500,300", "--configs", "reference,fast"])
     out = capsys.readouterr().out

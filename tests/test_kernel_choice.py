@@ -217,14 +217,19 @@ def test_choices_survive_a_checkpoint_and_only_on_the_same_gpu(measurable_on_cpu
     x = torch.empty_strided((2, 1, 8, 8), (64, 1, 8, 1)).normal_()  # channels-last, under bf16 autocast
     timings = choose_kernels(TwoBlocks(), [x], autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16),
                              timer=scripted_timer({1}))
-    save_checkpoint(tmp_path / "c.pt", dict(kernel_choices=kernel_choice.choices_to_state(timings, "NVIDIA H100")))
+    h100 = "NVIDIA H100 80GB HBM3 | torch 2.11.0 | triton 3.6.0 | cudnn 91000"
+    save_checkpoint(tmp_path / "c.pt", dict(kernel_choices=kernel_choice.choices_to_state(timings, h100)))
     state = load_checkpoint(tmp_path / "c.pt")["kernel_choices"]  # weights_only=True: plain values only
-    restored = kernel_choice.choices_from_state(state, "NVIDIA H100")
+    restored = kernel_choice.choices_from_state(state, h100)
     assert [(t.layer, t.key, t.fused_ms, t.torch_ms, t.choice) for t in restored] == [
         (t.layer, t.key, t.fused_ms, t.torch_ms, t.choice) for t in timings]
     assert all(t.origin == "checkpoint" for t in restored)
-    assert kernel_choice.choices_from_state(state, "NVIDIA A100-SXM4-80GB") == []  # another GPU: measure again
-    assert kernel_choice.choices_from_state(None, "NVIDIA H100") == []  # a checkpoint from before choices
+    # another GPU, or the same GPU with other software: measure again
+    assert kernel_choice.choices_from_state(state, h100.replace("H100 80GB HBM3", "A100-SXM4-80GB")) == []
+    assert kernel_choice.choices_from_state(state, h100.replace("triton 3.6.0", "triton 3.8.0")) == []
+    assert kernel_choice.choices_from_state(None, h100) == []  # a checkpoint from before choices
+    where = kernel_choice.measured_where(torch.device("cpu"))
+    assert where.startswith("CPU") and f"torch {torch.__version__}" in where
 
 
 def test_rank_zero_measures_and_every_rank_takes_its_choices(measurable_on_cpu, monkeypatch):
@@ -270,3 +275,26 @@ def test_from_main_hands_rank_zeros_timings_to_every_rank_of_a_gloo_group(tmp_pa
     results = [pickle.loads((tmp_path / f"{rank}.pkl").read_bytes()) for rank in (0, 1)]
     assert results[0] == results[1] == [KernelTiming(
         "layer-of-rank-0", CallKey((1, 1, 8, 8), False, torch.bfloat16, True, False), 1.0, 2.0)]
+
+
+def test_a_resumed_run_trains_with_the_checkpoints_choices_without_measuring(measurable_on_cpu, monkeypatch,
+                                                                                tmp_path, capsys):
+    # End to end through `fastcnn train`: the first run measures (a scripted timer: the plain chain wins, so
+    # training runs aten) and its checkpoint keeps the choices; the resumed run takes them and measures nothing.
+    import json
+
+    from fastcnn.cli import main
+
+    monkeypatch.setattr(kernel_choice, "time_ms", scripted_timer(fused_wins=set()))
+    out = tmp_path / "run"
+    common = ["--dataset", "synthetic", "--synthetic-size", "256,64", "-b", "64", "--no-progress", "--device", "cpu"]
+    assert main(["train", *common, "--epochs", "1", "--output", str(out)]) == 0
+    first = json.loads((out / "summary.json").read_text())["kernel_choices"]
+    assert first and {row["origin"] for row in first} == {"measured"} and {row["choice"] for row in first} == {
+        "torch"}
+    monkeypatch.setattr(kernel_choice, "time_ms", lambda fn, device: pytest.fail("a resumed run measured again"))
+    assert main(["train", "--resume", str(out / "checkpoint.pt"), "--epochs", "2", "--no-progress"]) == 0
+    resumed = json.loads((out / "summary.json").read_text())["kernel_choices"]
+    assert [(row["layer"], row["call"], row["choice"]) for row in resumed] == [
+        (row["layer"], row["call"], row["choice"]) for row in first]
+    assert {row["origin"] for row in resumed} == {"checkpoint"}
