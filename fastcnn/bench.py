@@ -49,6 +49,9 @@ class BenchConfig:
     name: str
     description: str
     overrides: dict = field(default_factory=dict)
+    # Whether the line adds one optimization to the line before it (its "x previous" is that optimization's
+    # gain); a line that replaces a component instead (DALI for the device loader) has no "x previous".
+    adds_to_previous: bool = True
 
 
 _REFERENCE = dict(preset="reference")
@@ -68,8 +71,9 @@ BENCH_CONFIGS = {c.name: c for c in (
     BenchConfig("fused", "+ fused Triton Conv-ReLU-Pool kernel", _FUSED),
     BenchConfig("cuda-graph", "+ whole training step captured as a CUDA graph", _GRAPH),
     BenchConfig("dali", "the fast preset with the NVIDIA DALI loader in place of the device loader",
-                dict(preset="fast", loader="dali")),
-    BenchConfig("fast", "fastcnn's fast preset for this device (what `fastcnn train` runs)", dict(preset="fast")),
+                dict(preset="fast", loader="dali"), adds_to_previous=False),
+    BenchConfig("fast", "fastcnn's fast preset for this device (what `fastcnn train` runs)", dict(preset="fast"),
+                adds_to_previous=False),
 )}
 ABLATION = ["reference", "device", "channels-last", "amp", "compile", "fused", "cuda-graph", "dali"]
 
@@ -255,8 +259,11 @@ def run_bench(base: TrainConfig, configs: list[BenchConfig], *, steps: int = 50,
         rate = row["images_per_second"]
         reference_rate = reference_rate or rate
         row["speedup_vs_first"] = rate / reference_rate
-        row["speedup_vs_previous"] = rate / previous_rate if previous_rate else None
-        previous_rate = rate
+        if BENCH_CONFIGS[row["config"]].adds_to_previous:
+            row["speedup_vs_previous"] = rate / previous_rate if previous_rate else None
+            previous_rate = rate
+        else:
+            row["speedup_vs_previous"] = None
     device = resolve(base).torch_device
     baseline = next((row["config"] for row in rows if "images_per_second" in row), configs[0].name)
     return dict(

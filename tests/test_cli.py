@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from fastcnn.cli import main
@@ -51,15 +52,23 @@ def test_bench_prints_table_and_writes_json_and_chart(tmp_path, capsys):
     assert main(["bench", "--json", str(json_path)]) == 2
 
 
-def test_bench_ablation_runs_on_cpu_and_skips_gpu_lines_with_a_reason(capsys):
+def test_bench_ablation_runs_on_cpu_and_skips_gpu_lines_with_a_reason(capsys, tmp_path):
     code = main(["bench", "--ablation", "--synthetic-size", "600,100", "--steps", "2", "--warmup", "0",
-                 "--repeats", "1", "-b", "32"])
+                 "--repeats", "1", "-b", "32", "--json", str(tmp_path / "ablation.json")])
     out = capsys.readouterr().out
     assert code == 0
     for line in ("reference", "device", "channels-last", "amp"):
         assert line in out
     if not torch.cuda.is_available():
         assert "skipped cuda-graph" in out and "skipped fused" in out
+    rows = {row["config"]: row for row in json.loads((tmp_path / "ablation.json").read_text())["results"]}
+    amp, device = rows["amp"], rows["device"]
+    assert amp["speedup_vs_previous"] == pytest.approx(amp["images_per_second"] /
+                                                       rows["channels-last"]["images_per_second"])
+    assert device["speedup_vs_previous"] == pytest.approx(device["images_per_second"] /
+                                                          rows["reference"]["images_per_second"])
+    if "images_per_second" in rows["dali"]:  # DALI replaces the loader: it adds nothing to the line before it
+        assert rows["dali"]["speedup_vs_previous"] is None
 
 
 def test_an_interrupted_bench_writes_what_it_measured_and_exits_130(tmp_path, capsys, monkeypatch):
