@@ -102,6 +102,9 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
                    help="capture the whole training step as a CUDA graph (default: on in the fast preset on CUDA)")
     g.add_argument("--kernel", choices=KERNEL_CHOICES, help="Conv-ReLU-Pool implementation: triton (fused), torch "
                    "(cuDNN/aten chain) or auto (the faster one here)")
+    g.add_argument("--fused-opt", dest="fused_optimizer", action=argparse.BooleanOptionalAction, default=None,
+                   help="the optimizer's fused implementation: one kernel per step (default: on in the fast preset "
+                   "on CUDA)")
     g.add_argument("--workers", dest="num_workers", type=int, default=0,
                    help="DataLoader worker processes for --loader torch (default: 0, as in the tutorials)")
 

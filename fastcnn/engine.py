@@ -35,15 +35,20 @@ def synchronize(device: torch.device) -> None:
 
 
 def build_optimizer(name: str, params, lr: float, betas: tuple[float, float] | None = None, *,
-                    capturable_on: torch.device | None = None) -> torch.optim.Optimizer:
+                    capturable_on: torch.device | None = None, fused: bool = False) -> torch.optim.Optimizer:
     """Adam or SGD (momentum, Nesterov). ``capturable_on``: a CUDA device whose graphs will run the step: the
-    learning rate becomes a tensor there (schedules update it in place) and Adam keeps its step count there."""
+    learning rate becomes a tensor there (schedules update it in place) and Adam keeps its step count there.
+    ``fused``: torch's fused implementation, one kernel for all parameters (the same update, rounded in another
+    order); otherwise torch's default, as the tutorials get."""
     if capturable_on is not None:
         lr = torch.tensor(lr, dtype=torch.float32, device=capturable_on)
+    # fused=None, not False, leaves torch its default (foreach on CUDA): the reference path's optimizer.
+    implementation = dict(fused=True) if fused else {}
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=betas or (0.9, 0.999), capturable=capturable_on is not None)
+        return torch.optim.Adam(params, lr=lr, betas=betas or (0.9, 0.999), capturable=capturable_on is not None,
+                                **implementation)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=betas[0] if betas else 0.9, nesterov=True)
+        return torch.optim.SGD(params, lr=lr, momentum=betas[0] if betas else 0.9, nesterov=True, **implementation)
     raise ValueError(f"unknown optimizer {name!r}")
 
 
@@ -117,7 +122,7 @@ class Trainer:
                  amp_dtype: torch.dtype | None = None, channels_last: bool = False, compile: bool = False,
                  compile_mode: str = "default", betas: tuple[float, float] | None = None,
                  label_smoothing: float = 0.0, schedule: str = "constant", total_steps: int = 0,
-                 distributed: bool = False, cuda_graph: bool = False):
+                 distributed: bool = False, cuda_graph: bool = False, fused_optimizer: bool = False):
         self.device = device
         self.model = model.to(device)
         if channels_last:
@@ -138,7 +143,7 @@ class Trainer:
         self.kernel_timings = []  # fastcnn.kernel_choice.KernelTiming per measured call, filled by warm_up
         self.graphed_step = None  # captured at the first full batch (fastcnn.cuda_graph.GraphedTrainStep)
         self.optimizer = build_optimizer(opt, self.model.parameters(), lr, betas,
-                                         capturable_on=device if cuda_graph else None)
+                                         capturable_on=device if cuda_graph else None, fused=fused_optimizer)
         self.scheduler = build_schedule(schedule, self.optimizer, lr, total_steps)
         self.label_smoothing = label_smoothing
         self.amp_dtype = amp_dtype

@@ -214,7 +214,7 @@ def build_trainer(rc: ResolvedConfig, train_set: ImageDataset, test_set: ImageDa
                       betas=rc.betas, label_smoothing=rc.label_smoothing, schedule=rc.schedule,
                       total_steps=rc.epochs * len(train_loader),
                       distributed=world_size > 1 if distributed is None else distributed,
-                      cuda_graph=rc.cuda_graph)
+                      cuda_graph=rc.cuda_graph, fused_optimizer=rc.fused_optimizer)
     return trainer, train_loader, test_loader
 
 

@@ -71,6 +71,37 @@ def test_preset_resolution_and_overrides():
         False, "torch", 7, "fashion-mnist", 0.01)
 
 
+def test_fused_optimizer_is_on_in_the_fast_preset_only_and_a_flag_overrides_it(capsys):
+    from fastcnn.config import preset_defaults
+
+    assert preset_defaults("fast", "cuda")["fused_optimizer"] is True
+    assert preset_defaults("fast", "cpu")["fused_optimizer"] is True
+    assert preset_defaults("reference", "cuda")["fused_optimizer"] is False  # the tutorials' torch default
+    assert resolve(TrainConfig(device="cpu", fused_optimizer=False)).fused_optimizer is False
+    assert resolve(TrainConfig(device="cpu", preset="reference", fused_optimizer=True)).fused_optimizer is True
+    assert main(["train", "--help"]) == 0
+    assert "--fused-opt, --no-fused-opt" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("opt", ["adam", "sgd"])
+def test_fused_optimizer_follows_the_default_implementation(opt):
+    # The twin test of the fused optimizer: the same update rounded in another order, so after several steps the
+    # parameters agree to fp32 roundoff, not bitwise.
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        trainer = Trainer(build_model("simplecnn", kernel="torch"), device=torch.device("cpu"), opt=opt, lr=1e-3,
+                          fused_optimizer=fused)
+        assert trainer.optimizer.param_groups[0]["fused"] is (True if fused else None)
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            trainer.train_step(torch.randn(16, 1, 28, 28, generator=generator),
+                               torch.randint(0, 10, (16,), generator=generator))
+        results.append([p.detach().clone() for p in trainer.model.parameters()])
+    for default, fused in zip(*results, strict=True):
+        torch.testing.assert_close(fused, default, rtol=1e-5, atol=1e-6)
+
+
 def test_training_on_synthetic_data_learns(tmp_path, capsys):
     summary = run_cli(["--dataset", "synthetic", "--synthetic-size", "3000,500", "--epochs", "2"], tmp_path, capsys)
     assert summary["test_acc"] > 80.0
