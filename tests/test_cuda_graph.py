@@ -81,14 +81,16 @@ def _trainers(**options):
     return eager, graphed
 
 
+@pytest.mark.parametrize("fused_optimizer", [False, True], ids=["foreach-adam", "fused-adam"])
 @pytest.mark.parametrize("schedule", ["constant", "onecycle"])
 @pytest.mark.gpu
 @requires_cuda
-def test_graph_replayed_steps_give_the_same_parameters_as_eager_steps(schedule, monkeypatch):
+def test_graph_replayed_steps_give_the_same_parameters_as_eager_steps(schedule, fused_optimizer, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     loader = DeviceLoader(synthetic_dataset(8 * 32 + 7), 32, device="cuda", mean=0.13, std=0.31)
     # one scheduler step per batch, the partial one included (OneCycleLR refuses a step past total_steps)
-    eager, graphed = _trainers(opt="adam", lr=1e-3, schedule=schedule, total_steps=len(loader))
+    eager, graphed = _trainers(opt="adam", lr=1e-3, schedule=schedule, total_steps=len(loader),
+                               fused_optimizer=fused_optimizer)
     for images, labels in loader:  # 8 full batches, then a partial one (eager fallback)
         loss_e, _ = eager.train_step(images, labels)
         loss_g, _ = graphed.train_step(images, labels)
