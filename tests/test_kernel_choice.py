@@ -250,28 +250,43 @@ def test_rank_zero_measures_and_every_rank_takes_its_choices(measurable_on_cpu, 
     assert trainer.model.block2.kernel_choices == {rank0[1].key: rank0[1].choice}
 
 
-def _broadcast_worker(rank, store_path, out_dir):
-    import pickle
+BROADCAST_WORKER = """
+import datetime, pickle, sys
+import torch
+import torch.distributed as dist
+from fastcnn.distributed import DistributedContext
+from fastcnn.kernel_choice import CallKey, KernelTiming
 
-    import torch.distributed as dist
-
-    from fastcnn.distributed import DistributedContext
-
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
-    try:
-        ctx = DistributedContext(rank=rank, world_size=2, backend="gloo")
-        key = CallKey((rank + 1, 1, 8, 8), False, torch.bfloat16, True, False)
-        mine = [KernelTiming(f"layer-of-rank-{rank}", key, 1.0, 2.0)] if rank == 0 else []
-        with open(f"{out_dir}/{rank}.pkl", "wb") as file:
-            pickle.dump(ctx.from_main(mine), file)
-    finally:
-        dist.destroy_process_group()
+rank, store, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2,
+                        timeout=datetime.timedelta(seconds=60))
+try:
+    ctx = DistributedContext(rank=rank, world_size=2, backend="gloo")
+    key = CallKey((rank + 1, 1, 8, 8), False, torch.bfloat16, True, False)
+    mine = [KernelTiming(f"layer-of-rank-{rank}", key, 1.0, 2.0)] if rank == 0 else []
+    with open(f"{out}/{rank}.pkl", "wb") as file:
+        pickle.dump(ctx.from_main(mine), file)
+finally:
+    dist.destroy_process_group()
+"""
 
 
 def test_from_main_hands_rank_zeros_timings_to_every_rank_of_a_gloo_group(tmp_path):
+    # Two real processes (plain subprocesses with a deadline, so that a stuck rendezvous fails the test instead of
+    # hanging the suite).
     import pickle
+    import subprocess
+    import sys
 
-    torch.multiprocessing.spawn(_broadcast_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    ranks = [subprocess.Popen([sys.executable, "-c", BROADCAST_WORKER, str(rank), str(tmp_path / "store"),
+                               str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    try:
+        outputs = [process.communicate(timeout=180)[0] for process in ranks]
+    finally:
+        for process in ranks:
+            process.kill()
+    assert [process.returncode for process in ranks] == [0, 0], "\n".join(outputs)[-3000:]
     results = [pickle.loads((tmp_path / f"{rank}.pkl").read_bytes()) for rank in (0, 1)]
     assert results[0] == results[1] == [KernelTiming(
         "layer-of-rank-0", CallKey((1, 1, 8, 8), False, torch.bfloat16, True, False), 1.0, 2.0)]
