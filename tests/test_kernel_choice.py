@@ -266,6 +266,7 @@ try:
     mine = [KernelTiming(f"layer-of-rank-{rank}", key, 1.0, 2.0)] if rank == 0 else []
     with open(f"{out}/{rank}.pkl", "wb") as file:
         pickle.dump(ctx.from_main(mine), file)
+    dist.barrier()  # neither rank tears the group down while the other is still in the broadcast
 finally:
     dist.destroy_process_group()
 """
