@@ -253,8 +253,8 @@ def measured_where(device: torch.device) -> str:
     from fastcnn import env
 
     cudnn = torch.backends.cudnn.version() if device.type == "cuda" else None
-    return (f"{env.device_name(device)} | torch {torch.__version__} | triton {env.versions()['triton']} | "
-            f"cudnn {cudnn}")
+    triton = env.package_version("triton", "pytorch-triton")
+    return f"{env.device_name(device)} | torch {torch.__version__} | triton {triton} | cudnn {cudnn}"
 
 
 def choices_to_state(timings: Iterable[KernelTiming], where: str) -> dict:

@@ -358,9 +358,10 @@ def _train(cfg: TrainConfig, rc: ResolvedConfig, ctx: DistributedContext, train_
                 partial = EpochProgress(partial.loss_sum * 0, partial.correct * 0, 0, partial.seconds, partial.batches)
         restore_rng(resume_state["rng"])
 
+    kernels_measured_where = measured_where(rc.torch_device)  # once: every checkpoint records it
     known_kernels = []
     if resume_state is not None:
-        known_kernels = choices_from_state(resume_state.get("kernel_choices"), measured_where(rc.torch_device))
+        known_kernels = choices_from_state(resume_state.get("kernel_choices"), kernels_measured_where)
     warmup_seconds = warm_up(rc, trainer, train_loader, test_loader, ctx, known_kernels)
     install_test_fault(trainer, ctx.rank)
     setup_seconds = time.perf_counter() - started
@@ -392,7 +393,7 @@ def _train(cfg: TrainConfig, rc: ResolvedConfig, ctx: DistributedContext, train_
                     history=history, train_seconds=train_seconds, eval_seconds=eval_seconds, config=config_dict(rc),
                     rng=capture_rng(),
                     classes=list(train_set.classes), image_shape=list(train_set.image_shape),
-                    kernel_choices=choices_to_state(trainer.kernel_timings, measured_where(rc.torch_device)))
+                    kernel_choices=choices_to_state(trainer.kernel_timings, kernels_measured_where))
 
     try:
         with StopRequests() as stop:
