@@ -16,6 +16,10 @@ optimizer, CUDA graph pool included); ``step_memory_mb`` is that peak minus what
 activations and temporaries of the steps themselves). Each configuration starts after the previous one's memory
 is freed.
 
+Profile (``--profile N``): after its timing, each configuration trains N more steps under torch.profiler, in
+``fastcnn train``'s loop, and reports per step what the host launched, what the device ran and how long it was busy
+(``fastcnn.profiling``): whether the host or the GPU's string of small kernels sets the pace, and which kernels.
+
 Interrupted (Ctrl-C, or a time limit's SIGINT): the configurations measured so far are printed and written, the
 document says ``"interrupted": true``, and the command still exits 130.
 """
@@ -38,6 +42,7 @@ from fastcnn import env
 from fastcnn.config import ResolvedConfig, TrainConfig, resolve
 from fastcnn.engine import synchronize
 from fastcnn.errors import FastcnnError, UsageError
+from fastcnn.profiling import format_profile
 from fastcnn.report import atomic_write_bytes, format_table, refuse_existing, write_results
 from fastcnn.train import build_trainer, load_splits, warm_up
 
@@ -96,7 +101,8 @@ def configured(base: TrainConfig, bench: BenchConfig) -> TrainConfig:
     return dataclasses.replace(base, **bench.overrides)
 
 
-def time_steps(rc: ResolvedConfig, train_set, test_set, *, steps: int, warmup: int, repeats: int) -> dict:
+def time_steps(rc: ResolvedConfig, train_set, test_set, *, steps: int, warmup: int, repeats: int,
+               profile: int = 0) -> dict:
     _free_device_memory(rc.torch_device)
     trainer, train_loader, test_loader = build_trainer(rc, train_set, test_set)
     # Compile only what the timed steps run: no evaluation, and the epoch's smaller last batch only if reached.
@@ -128,14 +134,16 @@ def time_steps(rc: ResolvedConfig, train_set, test_set, *, steps: int, warmup: i
         times.append(elapsed / steps)
         rates.append(samples / elapsed)
     step = statistics.median(times)
+    peaks = _peaks(device, baseline)
+    stream.close()  # done with that epoch: the profile iterates the loader afresh
     return dict(ms_per_step=step * 1e3, ms_per_step_p20=_quantile(times, 0.2) * 1e3,
                 ms_per_step_p80=_quantile(times, 0.8) * 1e3, images_per_second=statistics.median(rates),
-                compile_seconds=compile_seconds, **_peaks(device, baseline),
+                compile_seconds=compile_seconds, **peaks,
                 kernel_choices=[timing.to_dict() for timing in trainer.kernel_timings],
-                cuda_graph=trainer.graph_status)
+                cuda_graph=trainer.graph_status, **_profiled(trainer, train_loader, profile))
 
 
-def time_epoch(rc: ResolvedConfig, train_set, test_set) -> dict:
+def time_epoch(rc: ResolvedConfig, train_set, test_set, *, profile: int = 0) -> dict:
     _free_device_memory(rc.torch_device)
     trainer, train_loader, test_loader = build_trainer(rc, train_set, test_set)
     compile_seconds = warm_up(rc, trainer, train_loader, test_loader, always=True)
@@ -148,7 +156,17 @@ def time_epoch(rc: ResolvedConfig, train_set, test_set) -> dict:
                 ms_per_step=1e3 * stats.seconds / max(len(train_loader), 1), test_acc=test_acc,
                 compile_seconds=compile_seconds, **peaks,
                 kernel_choices=[timing.to_dict() for timing in trainer.kernel_timings],
-                cuda_graph=trainer.graph_status)
+                cuda_graph=trainer.graph_status, **_profiled(trainer, train_loader, profile))
+
+
+def _profiled(trainer, train_loader, steps: int) -> dict:
+    """With ``steps`` > 0, {"profile": per-step figures of that many more training steps}, after the timing."""
+    if steps < 1:
+        return {}
+    from fastcnn.profiling import profile_training
+
+    train_loader.set_epoch(1)
+    return dict(profile=profile_training(trainer, train_loader, steps))
 
 
 def _free_device_memory(device: torch.device) -> None:
@@ -182,7 +200,7 @@ def _quantile(values: list[float], q: float) -> float:
 
 
 def run_bench(base: TrainConfig, configs: list[BenchConfig], *, steps: int = 50, warmup: int = 10,
-              repeats: int | None = None, epoch: bool = False, log=None) -> dict:
+              repeats: int | None = None, epoch: bool = False, profile: int = 0, log=None) -> dict:
     """Measure ``configs`` on the same data; return the results document.
 
     Step mode measures each configuration in turn (``repeats`` timed runs after warm-up). Epoch mode runs
@@ -191,8 +209,9 @@ def run_bench(base: TrainConfig, configs: list[BenchConfig], *, steps: int = 50,
     """
     log = log or sys.stderr
     repeats = repeats if repeats is not None else (1 if epoch else 5)
-    if min(steps, repeats) < 1 or warmup < 0:
-        raise UsageError(f"--steps and --repeats must be >= 1 and --warmup >= 0 (got {steps}, {repeats}, {warmup})")
+    if min(steps, repeats) < 1 or min(warmup, profile) < 0:
+        raise UsageError(f"--steps and --repeats must be >= 1, --warmup and --profile >= 0 (got {steps}, {repeats}, "
+                         f"{warmup}, {profile})")
     first = resolve(dataclasses.replace(base, preset="reference"))
     train_set, test_set = load_splits(first)
     rows, runnable = [], []
@@ -226,8 +245,10 @@ def run_bench(base: TrainConfig, configs: list[BenchConfig], *, steps: int = 50,
                 print(f"  {row['config']}: measuring" + (f" (round {round_index + 1}/{repeats})" if epoch else ""),
                       file=log)
                 try:
-                    sample = time_epoch(rc, train_set, test_set) if epoch else time_steps(
-                        rc, train_set, test_set, steps=steps, warmup=warmup, repeats=repeats)
+                    # Profile once per configuration (the first round): it measures counts, not a time to median.
+                    extra = profile if round_index == 0 else 0
+                    sample = time_epoch(rc, train_set, test_set, profile=extra) if epoch else time_steps(
+                        rc, train_set, test_set, steps=steps, warmup=warmup, repeats=repeats, profile=extra)
                 except Exception as err:  # one broken configuration must not hide the others' results
                     row["failed"] = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
                     print(f"  {row['config']}: failed: {row['failed']}", file=log)
@@ -238,6 +259,8 @@ def run_bench(base: TrainConfig, configs: list[BenchConfig], *, steps: int = 50,
                       f"{sample['ms_per_step']:.3f} ms/step" +
                       (f", test acc {sample['test_acc']:.2f}%" if epoch else "") + f", graph {sample['cuda_graph']}",
                       file=log, flush=True)
+                if "profile" in sample:
+                    print(format_profile(row["config"], sample["profile"]), file=log, flush=True)
     except KeyboardInterrupt:
         interrupted = True
         print("  interrupted: reporting the configurations measured so far", file=log)
@@ -262,6 +285,10 @@ def run_bench(base: TrainConfig, configs: list[BenchConfig], *, steps: int = 50,
             row.update(_median_epoch(runs))
         else:
             row.update(runs[0])
+        profiled = [run["profile"] for run in runs if "profile" in run]  # the first round's, whichever is median
+        row.pop("profile", None)
+        if profiled:
+            row["profile"] = profiled[0]
         rate = row["images_per_second"]
         reference_rate = reference_rate or rate
         row["speedup_vs_first"] = rate / reference_rate
@@ -273,7 +300,8 @@ def run_bench(base: TrainConfig, configs: list[BenchConfig], *, steps: int = 50,
     device = resolve(base).torch_device
     baseline = next((row["config"] for row in rows if "images_per_second" in row), configs[0].name)
     return dict(
-        mode="epoch" if epoch else "steps", model=first.model, dataset=first.dataset, batch_size=first.batch_size,
+        mode="epoch" if epoch else "steps", profile_steps=profile or None, model=first.model,
+        dataset=first.dataset, batch_size=first.batch_size,
         steps=None if epoch else steps, warmup=None if epoch else warmup, repeats=repeats,
         rounds_completed=rounds_completed if epoch else None,
         baseline=baseline, device=str(device), device_name=env.device_name(device), versions=env.versions(),
@@ -306,6 +334,7 @@ def format_results(doc: dict) -> str:
     lines.append(format_table(measured, columns) if measured else "(nothing measured)")
     if doc.get("interrupted"):
         lines.append("INTERRUPTED: only the configurations above were measured")
+    lines += [format_profile(row["config"], row["profile"]) for row in measured if "profile" in row]
     for row in doc["results"]:
         for outcome in ("skipped", "failed"):
             if outcome in row:
@@ -344,7 +373,8 @@ def run_bench_command(args, base: TrainConfig) -> dict | None:
     configs = parse_configs(",".join(ABLATION) if args.ablation else args.configs)
     refuse_existing((args.json, args.plot), args.overwrite)
     base = dataclasses.replace(base, progress=False, dataset=base.dataset or "synthetic")
-    doc = run_bench(base, configs, steps=args.steps, warmup=args.warmup, repeats=args.repeats, epoch=args.epoch)
+    doc = run_bench(base, configs, steps=args.steps, warmup=args.warmup, repeats=args.repeats, epoch=args.epoch,
+                    profile=args.profile)
     print(format_results(doc))
     write_results(doc, args.json, args.plot, plot_results)
     if doc["interrupted"]:

@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epoch", action="store_true", help="time whole training epochs (with test accuracy) "
                    "instead of steps")
     g.add_argument("--ablation", action="store_true", help="add one optimization at a time: " + ", ".join(ABLATION))
+    g.add_argument("--profile", type=int, default=0, metavar="STEPS", help="after timing, profile STEPS more "
+                   "training steps of each configuration: kernels, host launches and device time per step, and the "
+                   "top kernels (default: 0, off)")
     g.add_argument("--race", action="store_true", help="time-to-accuracy race: the speedrun recipe against the "
                    "public train_mnist_fast recipe, --runs each, interleaved")
     g.add_argument("--runs", type=int, default=3, help="runs per recipe in --race (default: 3)")

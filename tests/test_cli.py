@@ -106,7 +106,7 @@ def test_an_interrupted_epoch_bench_keeps_only_whole_rounds(capsys, monkeypatch)
 
     calls = []
 
-    def scripted_epoch(rc, train_set, test_set):
+    def scripted_epoch(rc, train_set, test_set, profile=0):
         calls.append(rc.loader)
         if len(calls) == 4:
             raise KeyboardInterrupt

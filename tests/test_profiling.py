@@ -1,0 +1,78 @@
+"""fastcnn.profiling: per-step kernel, launch and busy-time figures, and `fastcnn bench --profile`."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.autograd import DeviceType
+
+from fastcnn.cli import main
+from fastcnn.data import DeviceLoader
+from fastcnn.data.datasets import synthetic_dataset
+from fastcnn.engine import Trainer
+from fastcnn.models import SimpleCNN
+from fastcnn.profiling import format_profile, profile_training, summarize, top_kernels, union_length
+
+
+def _event(name, device_type, start=0.0, end=0.0):
+    return SimpleNamespace(name=name, device_type=device_type, time_range=SimpleNamespace(start=start, end=end),
+                           cpu_children=[], self_cpu_time_total=end - start)
+
+
+def test_union_length_counts_overlaps_once():
+    assert union_length([]) == 0
+    assert union_length([(0, 10), (5, 15), (20, 25), (21, 22), (30, 30)]) == 20
+    assert union_length([(5, 15), (0, 10)]) == 15  # unsorted input
+
+
+def test_top_kernels_ranks_by_total_time_per_step():
+    durations = [("a", 1.0)] * 6 + [("b", 5.0)] * 2 + [("c", 0.5)]
+    top = top_kernels(durations, steps=2, count=2)
+    assert [(k["name"], k["calls"], k["us"]) for k in top] == [("b", 1.0, 5.0), ("a", 3.0, 3.0)]
+    assert top_kernels([("x" * 200, 1.0)], steps=1)[0]["name"].endswith("...")
+
+
+def test_cuda_figures_from_events():
+    # Two steps: per step one graph replay and one copy launched by the host; the GPU ran three kernels, two of
+    # them overlapping, busy 10 us (0-6 and 4-10) and 5 us (20-25) in all.
+    events = [_event("cudaGraphLaunch", DeviceType.CPU), _event("cudaMemcpyAsync", DeviceType.CPU),
+              _event("cudaGraphLaunch", DeviceType.CPU), _event("cudaMemcpyAsync", DeviceType.CPU),
+              _event("aten::copy_", DeviceType.CPU),
+              _event("gemm", DeviceType.CUDA, 0, 6), _event("relu", DeviceType.CUDA, 4, 10),
+              _event("gemm", DeviceType.CUDA, 20, 25)]
+    figures = summarize(events, steps=2, wall_seconds=40e-6, device=torch.device("cuda"))
+    assert figures["host_launches"] == 2 and figures["device_kernels"] == 1.5
+    assert figures["device_busy_us"] == 7.5 and figures["wall_us"] == pytest.approx(20)
+    assert figures["top"][0] == dict(name="gemm", calls=1.0, us=5.5)
+    text = format_profile("fast", figures)
+    assert "1.5 kernels" in text and "2.0 host launches" in text and "GPU busy 7.5 us" in text
+
+
+def test_profile_training_counts_the_steps_of_the_training_loop():
+    torch.manual_seed(0)
+    data = synthetic_dataset(200, seed=0)
+    loader = DeviceLoader(data, 32, seed=0)
+    trainer = Trainer(SimpleCNN(kernel="torch"), device=torch.device("cpu"))
+    figures = profile_training(trainer, loader, steps=3)
+    assert figures["steps"] == 3 and figures["host_launches"] is None and figures["device_busy_us"] is None
+    names = {kernel["name"] for kernel in figures["top"]}
+    assert figures["device_kernels"] > 10 and names and all(name.startswith("aten::") for name in names)
+    short = profile_training(trainer, DeviceLoader(data, 150, seed=0), steps=5)  # only 2 batches in the epoch
+    assert short["steps"] == 2
+
+
+def test_bench_profile_reports_per_configuration(tmp_path, capsys):
+    json_path = tmp_path / "bench.json"
+    code = main(["bench", "--synthetic-size", "600,100", "--steps", "2", "--warmup", "0", "--repeats", "1",
+                 "--configs", "device", "--profile", "2", "--json", str(json_path)])
+    out = capsys.readouterr().out
+    doc = json.loads(json_path.read_text())
+    assert code == 0 and doc["profile_steps"] == 2
+    assert doc["results"][0]["profile"]["steps"] == 2
+    assert "profile device, per step over 2 steps" in out
+
+
+def test_bench_refuses_a_negative_profile(capsys):
+    assert main(["bench", "--profile", "-1"]) == 2
+    assert "--profile" in capsys.readouterr().err
