@@ -73,7 +73,7 @@ BENCH_CONFIGS = {c.name: c for c in (
     BenchConfig("device", "+ dataset resident on the device, batches gathered there", _DEVICE),
     BenchConfig("channels-last", "+ channels-last layout", _CL),
     BenchConfig("amp", "+ autocast mixed precision (bf16, or fp16 with a GradScaler)", _AMP),
-    BenchConfig("compile", "+ torch.compile", _COMPILE),
+    BenchConfig("compile", "+ torch.compile (the model, and the loss with the count of right predictions)", _COMPILE),
     BenchConfig("fused", "+ fused Triton Conv-ReLU-Pool kernel", _FUSED),
     BenchConfig("fused-opt", "+ the optimizer's fused implementation (one kernel per step)", _FUSED_OPT),
     BenchConfig("cuda-graph", "+ whole training step captured as a CUDA graph", _GRAPH),

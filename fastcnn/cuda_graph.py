@@ -27,9 +27,6 @@ their own.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-
-from fastcnn.engine import count_correct
 
 WARMUP_STEPS = 3
 DDP_WARMUP_STEPS = 11  # PyTorch's notes: DDP needs at least 11 eager iterations (its first ones do host work)
@@ -89,10 +86,10 @@ class GraphedTrainStep:
         # into the graph and never see the parameters' updates.
         with trainer.autocast(cache_enabled=False):
             logits = trainer.forward_model(self.static_images)
-            loss = F.cross_entropy(logits, self.static_labels, label_smoothing=trainer.label_smoothing)
+            loss, correct = trainer.loss_and_correct(logits, self.static_labels, trainer.label_smoothing)
         loss.backward()
         trainer.optimizer.step()
-        return loss.detach(), count_correct(logits.detach(), self.static_labels)
+        return loss.detach(), correct
 
     def accepts(self, images: torch.Tensor, labels: torch.Tensor) -> bool:
         """Whether this batch fits the captured buffers (same shapes, strides and dtypes)."""
