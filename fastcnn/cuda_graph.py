@@ -3,8 +3,9 @@
 A training step of a small CNN launches dozens of small kernels; on a fast GPU the host's launch overhead, not
 the arithmetic, sets the pace. Replaying one captured graph launches them all at once. What capture needs, and
 how it is met here:
-- static memory: each batch is copied into the graph's own input buffers (DeviceLoader and DALI batches may be
-  memory they reuse), and the outputs (loss, number of correct predictions: the graph counts them too, so a
+- static memory: each batch is copied into the graph's own input buffers (DALI batches are memory DALI reuses),
+  except that in the epoch loop a DeviceLoader gathers its full batches straight into them (``serve_into``: two
+  copy launches fewer per step), and the outputs (loss, number of correct predictions: the graph counts them too, so a
   replayed step needs no other kernel) live in the graph's buffers until the next replay;
 - no host synchronization inside the step: the optimizer is built with ``capturable=True`` and a learning rate
   that is a device tensor, which schedules overwrite in place between replays, so a schedule needs no recapture;
@@ -98,8 +99,11 @@ class GraphedTrainStep:
                 and labels.shape == ref_y.shape and labels.dtype == ref_y.dtype)
 
     def replay(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.static_images.copy_(images)
-        self.static_labels.copy_(labels)
+        # A loader that serves into the static inputs (DeviceLoader.serve_into) hands back these very tensors.
+        if images is not self.static_images:
+            self.static_images.copy_(images)
+        if labels is not self.static_labels:
+            self.static_labels.copy_(labels)
         self.graph.replay()
         return self.static_loss, self.static_correct
 

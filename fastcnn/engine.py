@@ -267,32 +267,41 @@ class Trainer:
         synchronize(self.device)
         started = time.perf_counter()
         clock_base = progress.seconds
-        for images, labels in loader:
-            loss, correct = self.train_step(images, labels)
-            count = labels.shape[0]
-            # Two in-place adds per step (float64 sum of loss * count, as loss.double() * count would round):
-            # on a GPU each op is a launch, and a graph-replayed step is otherwise just one.
-            progress.loss_sum.add_(loss, alpha=count)
-            progress.correct.add_(correct)
-            progress.samples += count
-            progress.batches += 1
-            if bar is not None:
-                bar.update(1)
-                if progress.batches % PROGRESS_REFRESH_STEPS == 0:
-                    self._refresh_bar(bar, loss, progress, clock_base + time.perf_counter() - started, check_loss)
-            # Evaluate before on_batch (which may stop the run), so a stop never skips a due evaluation.
-            if eval_every and on_eval is not None and progress.batches % eval_every == 0 and \
-                    progress.batches < len(loader):
-                synchronize(self.device)
-                paused = time.perf_counter()
-                progress.seconds = clock_base + paused - started
-                on_eval(progress)
-                self.model.train()
-                synchronize(self.device)
-                started += time.perf_counter() - paused  # the evaluation's time is not training time
-            if on_batch is not None:
-                progress.seconds = clock_base + time.perf_counter() - started
-                on_batch(progress)
+        serving_into_graph = False
+        try:
+            for images, labels in loader:
+                loss, correct = self.train_step(images, labels)
+                if not serving_into_graph and self.graphed_step is not None and hasattr(loader, "serve_into"):
+                    # From the next batch on, the loader gathers straight into the graph's inputs (no copies).
+                    serving_into_graph = loader.serve_into(self.graphed_step.static_images,
+                                                           self.graphed_step.static_labels)
+                count = labels.shape[0]
+                # Two in-place adds per step (float64 sum of loss * count, as loss.double() * count would round):
+                # on a GPU each op is a launch, and a graph-replayed step is otherwise just one.
+                progress.loss_sum.add_(loss, alpha=count)
+                progress.correct.add_(correct)
+                progress.samples += count
+                progress.batches += 1
+                if bar is not None:
+                    bar.update(1)
+                    if progress.batches % PROGRESS_REFRESH_STEPS == 0:
+                        self._refresh_bar(bar, loss, progress, clock_base + time.perf_counter() - started, check_loss)
+                # Evaluate before on_batch (which may stop the run), so a stop never skips a due evaluation.
+                if eval_every and on_eval is not None and progress.batches % eval_every == 0 and \
+                        progress.batches < len(loader):
+                    synchronize(self.device)
+                    paused = time.perf_counter()
+                    progress.seconds = clock_base + paused - started
+                    on_eval(progress)
+                    self.model.train()
+                    synchronize(self.device)
+                    started += time.perf_counter() - paused  # the evaluation's time is not training time
+                if on_batch is not None:
+                    progress.seconds = clock_base + time.perf_counter() - started
+                    on_batch(progress)
+        finally:
+            if serving_into_graph:
+                loader.serve_into(None)  # the loader serves new tensors again, to whoever iterates it next
         synchronize(self.device)
         progress.seconds = clock_base + time.perf_counter() - started
         stats = progress.finish()

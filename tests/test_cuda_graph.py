@@ -179,3 +179,74 @@ def test_a_failed_capture_with_several_processes_fails_the_run(monkeypatch):
     images, labels = next(iter(DeviceLoader(synthetic_dataset(32), 32, mean=0.13, std=0.31)))
     with pytest.raises(RuntimeError, match="capture failed on this rank.*--no-cuda-graph"):
         trainer.train_step(images, labels)
+
+
+def test_the_epoch_loop_has_the_loader_gather_straight_into_the_graph_inputs(monkeypatch):
+    # Runs on CPU: GraphedTrainStep's own replay() and accepts(), over a stand-in "graph" that runs the eager step
+    # on the static inputs. After the first (captured) step the loader gathers each full batch into those inputs,
+    # so replay copies nothing; the run trains exactly as an eager one, and the loader is let go afterwards.
+    import fastcnn.cuda_graph
+
+    received = []
+
+    class EagerGraph:
+        def __init__(self, step):
+            self.step = step
+
+        def replay(self):
+            step = self.step
+            step.static_loss, step.static_correct = step.trainer.eager_step(step.static_images, step.static_labels)
+
+    class StandIn(fastcnn.cuda_graph.GraphedTrainStep):
+        def __init__(self, trainer, images, labels):  # no capture: buffers as the real one makes them
+            self.trainer = trainer
+            self.static_images = images.detach().clone(memory_format=torch.preserve_format)
+            self.static_labels = labels.detach().clone()
+            self.graph = EagerGraph(self)
+
+        def replay(self, images, labels):
+            received.append(images is self.static_images and labels is self.static_labels)
+            return super().replay(images, labels)
+
+    monkeypatch.setattr(fastcnn.cuda_graph, "GraphedTrainStep", StandIn)
+    torch.manual_seed(0)
+    model = build_model("simplecnn", kernel="torch")
+    options = dict(mean=0.13, std=0.31, channels_last=True, seed=3)
+    data = synthetic_dataset(4 * 32 + 9)
+    plain_loader, loader = DeviceLoader(data, 32, **options), DeviceLoader(data, 32, **options)
+    plain = Trainer(copy.deepcopy(model), device=torch.device("cpu"), channels_last=True)
+    trainer = Trainer(copy.deepcopy(model), device=torch.device("cpu"), channels_last=True)
+    trainer.cuda_graph, trainer.graph_status = True, "on"  # as if built for a GPU
+    for epoch in (0, 1):
+        plain_loader.set_epoch(epoch)
+        loader.set_epoch(epoch)
+        expected = plain.train_epoch(plain_loader)
+        stats = trainer.train_epoch(loader)
+        assert (stats.loss, stats.accuracy, stats.samples) == (expected.loss, expected.accuracy, expected.samples)
+        assert loader._destination is None  # let go at the end of the epoch
+    # Each epoch: the first batch comes in new tensors (copied in; in epoch 0 it is also the one captured), the
+    # next three straight in the graph's inputs; the smaller last batch runs eagerly (no replay).
+    assert received == [False, True, True, True] * 2
+    for p_plain, p_graph in zip(plain.model.parameters(), trainer.model.parameters(), strict=True):
+        assert torch.equal(p_plain, p_graph)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_graph_replayed_epochs_with_the_loader_serving_into_the_graph_equal_eager_epochs(monkeypatch):
+    # The real capture, with DeviceLoader.serve_into feeding the graph's inputs in place: two epochs (each with a
+    # smaller last batch, eager) give the eager run's statistics and parameters.
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    options = dict(device="cuda", mean=0.13, std=0.31, channels_last=True, seed=1)
+    data = synthetic_dataset(6 * 32 + 11)
+    eager_loader, graph_loader = DeviceLoader(data, 32, **options), DeviceLoader(data, 32, **options)
+    eager, graphed = _trainers(opt="adam", lr=1e-3, channels_last=True, fused_optimizer=True)
+    for epoch in (0, 1):
+        eager_loader.set_epoch(epoch)
+        graph_loader.set_epoch(epoch)
+        expected, stats = eager.train_epoch(eager_loader), graphed.train_epoch(graph_loader)
+        assert stats.samples == expected.samples and stats.accuracy == pytest.approx(expected.accuracy, abs=1.0)
+        assert stats.loss == pytest.approx(expected.loss, rel=1e-4)
+    assert graphed.graph_status == "captured" and graph_loader._destination is None
+    for (name, p_e), p_g in zip(eager.model.named_parameters(), graphed.model.parameters(), strict=True):
+        torch.testing.assert_close(p_g, p_e, rtol=1e-4, atol=1e-5, msg=name)

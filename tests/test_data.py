@@ -141,3 +141,45 @@ def test_synthetic_is_deterministic_and_split_dependent():
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
     assert not torch.equal(a.images, test.images)
     assert a.images.shape == (50, 1, 28, 28) and a.images.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("channels_last, dtype", [(False, torch.float32), (True, torch.float32),
+                                                  (True, torch.bfloat16)])
+def test_serving_into_given_tensors_serves_the_same_batches(channels_last, dtype):
+    # What a CUDA graph's static inputs receive (DeviceLoader.serve_into): the batches an unbound loader serves,
+    # bitwise, in the caller's two tensors for every full batch; the smaller last batch in new ones.
+    data = small_set(count=5 * 16 + 3, channels=3)
+    options = dict(seed=4, mean=(0.1, 0.2, 0.3), std=(0.5, 0.6, 0.7), channels_last=channels_last, dtype=dtype)
+    plain, bound = DeviceLoader(data, 16, **options), DeviceLoader(data, 16, **options)
+    first_images, first_labels = next(iter(plain))
+    images = first_images.clone(memory_format=torch.preserve_format)
+    labels = first_labels.clone()
+    assert bound.serve_into(images, labels)
+    for epoch in (0, 1):
+        plain.set_epoch(epoch)
+        bound.set_epoch(epoch)
+        served = 0
+        for (x, y), (bx, by) in zip(plain, bound, strict=True):
+            full = y.shape[0] == 16
+            assert (bx is images and by is labels) == full
+            assert torch.equal(bx, x) and torch.equal(by, y) and bx.stride() == x.stride()
+            served += 1
+        assert served == 6
+    assert not bound.serve_into(None)  # back to new tensors
+    assert all(x is not images for x, _ in bound)
+
+
+def test_serving_into_refuses_tensors_unlike_a_full_batch(monkeypatch):
+    data = small_set(count=40, channels=3)  # with one channel, NCHW and channels-last memory are the same
+    loader = DeviceLoader(data, 8, channels_last=True, mean=0.13, std=0.31)
+    images, labels = next(iter(loader))
+    images, labels = images.clone(memory_format=torch.preserve_format), labels.clone()
+    assert not loader.serve_into(images.contiguous(), labels)  # NCHW memory for a channels-last loader
+    assert not loader.serve_into(images.double(), labels)
+    assert not loader.serve_into(images[:4], labels[:4])
+    assert not loader.serve_into(images, labels.int())
+    assert loader.serve_into(images, labels)
+    assert not loader.serve_into(images, None) and loader._destination is None  # a refusal unbinds
+    monkeypatch.setattr("fastcnn.data.device_loader.PREPARED_MAX_BYTES", 0)  # no normalized copy resident
+    assert not DeviceLoader(data, 8, channels_last=True, mean=0.13, std=0.31).serve_into(images, labels)
+    assert loader.serve_into(images, labels)  # a loader with its copy still takes them

@@ -4,7 +4,8 @@ No per-sample Python and no host-to-device copies after set-up: each epoch is on
 device, each batch two gathers (images, labels). The images are normalized, cast and laid out once, at set-up,
 when that copy fits in ``PREPARED_MAX_BYTES``: a batch then costs two kernel launches instead of seven, which
 matters on a GPU where a small CNN's step takes tens of microseconds. Larger datasets keep uint8 pixels and
-normalize each batch. Either way the values are bitwise the same.
+normalize each batch. Either way the values are bitwise the same. Under a CUDA graph the two gathers write
+straight into the graph's input buffers (``DeviceLoader.serve_into``), so a step is two gathers and a replay.
 """
 
 from __future__ import annotations
@@ -92,6 +93,27 @@ class DeviceLoader(ResidentLoader):
     def __init__(self, dataset: ImageDataset, batch_size: int, **options):
         super().__init__(dataset, batch_size, **options)
         self.prepared = self._prepare() if self._prepared_bytes() <= PREPARED_MAX_BYTES else None
+        self._destination = None  # (images, labels, the images' NHWC or NCHW view) set by serve_into
+
+    def serve_into(self, images: torch.Tensor | None, labels: torch.Tensor | None = None) -> bool:
+        """Gather every full batch into ``images`` and ``labels`` (a CUDA graph's static inputs) and yield those
+        same two tensors, instead of new ones: the graph then needs no copy of its inputs per step. Each batch
+        overwrites the previous one, in stream order (a step issued before the next batch is gathered reads its
+        own batch). The last, smaller batch is still a new tensor. ``None`` goes back to new tensors.
+
+        Returns whether it will: only with the normalized copy resident (``prepared``), and only for tensors
+        exactly like a full batch (shape, dtype, device, layout); otherwise nothing changes."""
+        self._destination = None
+        if images is None or labels is None or self.prepared is None:
+            return False
+        rows = images.permute(0, 2, 3, 1) if self.memory_format == torch.channels_last else images
+        fits = (rows.shape == (self.batch_size, *self.prepared.shape[1:]) and rows.is_contiguous()
+                and images.dtype == self.dtype and images.device == self.prepared.device
+                and labels.shape == (self.batch_size,) and labels.dtype == self.labels.dtype
+                and labels.device == self.labels.device and labels.is_contiguous())
+        if fits:
+            self._destination = (images, labels, rows)
+        return fits
 
     def _prepared_bytes(self) -> int:
         return self.images.numel() * self.dtype.itemsize
@@ -112,7 +134,14 @@ class DeviceLoader(ResidentLoader):
         order = self.epoch_order()
         for batch in range(self.start_batch, len(self)):
             index = order[batch * self.batch_size:(batch + 1) * self.batch_size]
-            yield self.gather_images(index), self.labels.index_select(0, index)
+            destination = self._destination  # read per batch: serve_into may be called between batches
+            if destination is not None and index.numel() == self.batch_size:
+                images, labels, rows = destination
+                torch.index_select(self.prepared, 0, index, out=rows)
+                torch.index_select(self.labels, 0, index, out=labels)
+                yield images, labels
+            else:
+                yield self.gather_images(index), self.labels.index_select(0, index)
 
     def gather_images(self, index: torch.Tensor) -> torch.Tensor:
         if self.prepared is None:
