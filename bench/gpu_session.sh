@@ -14,6 +14,7 @@
 #   bash bench/gpu_session.sh install tests                # GPU correctness first
 #   bash bench/gpu_session.sh install kernels              # kernel benchmarks and the issue-3 verdicts
 #   bash bench/gpu_session.sh install epoch                # issue 4's targets: epoch times, 100x, accuracy
+#   bash bench/gpu_session.sh install variants             # the fast preset less one choice at a time
 #   bash bench/gpu_session.sh install ablation             # what each optimization buys (compiles a lot)
 #   bash bench/gpu_session.sh install ddp                  # DDP + CUDA graphs against one process
 #
@@ -32,6 +33,9 @@
 #             so the step-mode ablation stage can wait), then the fast configurations at batch 512: issue 4's
 #             <= 60 ms / <= 15 ms, >= 100x and 0.3-point targets; each line also profiled over 20 steps (kernels,
 #             host launches and GPU busy time per step: what to cut if 60 ms is missed)
+#   variants  the fast preset against itself less one choice (autocast, channels-last, auto's kernel choice, the
+#             fused optimizer) in batch-64 MNIST epochs, 3 interleaved rounds, profiled: what to change in the preset
+#             if the 60 ms epoch is missed
 #   ddp       fastcnn train --nproc 1 --cuda-graph against the same run in one process
 # Results land in $OUT/gpu-results.tar.gz (the device tool brings back at most 8 files) and the log in
 # $OUT/gpu-session.log; copy the JSON/PNG files worth keeping into bench/results/ as gpu-<device>-*.
@@ -133,6 +137,11 @@ run_epoch() {
     --json "$work/gpu-$gpu-epoch-b512.json"
 }
 
+run_variants() {
+  stage variants-b64 420 "${fastcnn[@]}" bench --epoch --dataset mnist -b 64 --repeats 3 --profile 20 \
+    --configs fast,fast-fp32,fast-nchw,fast-cudnn,fast-default-opt --json "$work/gpu-$gpu-variants-b64.json"
+}
+
 run_ddp() {
   local common=(train --dataset mnist -b 512 --epochs 2 --cuda-graph --no-progress --seed 0)
   stage ddp-single 180 "${fastcnn[@]}" "${common[@]}" --output "$work/ddp-single"
@@ -154,8 +163,8 @@ EOF
 say "device: $gpu; stages: $*; data: ${FASTCNN_DATA:-none}; commit $(git rev-parse --short HEAD 2>/dev/null)"
 for name in "$@"; do
   case $name in
-    install|tests|kernels|ablation|epoch|ddp) "run_$name" ;;
-    *) say "unknown stage $name (choose from install tests kernels ablation epoch ddp)"; pack; exit 2 ;;
+    install|tests|kernels|ablation|epoch|variants|ddp) "run_$name" ;;
+    *) say "unknown stage $name (choose from install tests kernels ablation epoch variants ddp)"; pack; exit 2 ;;
   esac
 done
 pack

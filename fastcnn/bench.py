@@ -83,6 +83,15 @@ BENCH_CONFIGS = {c.name: c for c in (
                 adds_to_previous=False),
     BenchConfig("fast-default-opt", "the fast preset with torch's default optimizer (foreach) instead of the fused "
                 "one", dict(preset="fast", fused_optimizer=False), adds_to_previous=False),
+    # The fast preset less one choice: whether each still pays at a given batch size. At the tutorial's batch a
+    # GPU step is a string of tiny kernels, where autocast's weight casts and channels-last's layout copies are
+    # extra kernels that may cost more than they save.
+    BenchConfig("fast-fp32", "the fast preset without autocast (float32 throughout)", dict(preset="fast", amp=False),
+                adds_to_previous=False),
+    BenchConfig("fast-nchw", "the fast preset without channels-last (NCHW throughout)",
+                dict(preset="fast", channels_last=False), adds_to_previous=False),
+    BenchConfig("fast-cudnn", "the fast preset with the cuDNN/aten Conv-ReLU-Pool chain instead of auto's choice",
+                dict(preset="fast", kernel="torch"), adds_to_previous=False),
 )}
 ABLATION = ["reference", "device", "channels-last", "amp", "compile", "fused", "fused-opt", "cuda-graph", "dali"]
 
