@@ -4,9 +4,10 @@ A training step of a small CNN launches dozens of small kernels; on a fast GPU t
 the arithmetic, sets the pace. Replaying one captured graph launches them all at once. What capture needs, and
 how it is met here:
 - static memory: each batch is copied into the graph's own input buffers (DALI batches are memory DALI reuses),
-  except that in the epoch loop a DeviceLoader gathers its full batches straight into them (``serve_into``: two
-  copy launches fewer per step), and the outputs (loss, number of correct predictions: the graph counts them too, so a
-  replayed step needs no other kernel) live in the graph's buffers until the next replay;
+  and the outputs (loss, number of right predictions) live in the graph's buffers until the next replay;
+- nothing launched around a replay in the epoch loop (fastcnn.engine.Trainer.train_epoch): a DeviceLoader gathers
+  its full batches straight into the input buffers (``serve_into``, no copies), and the graph adds each step's
+  loss and right predictions to the epoch's running sums itself (no adds), so a step is two gathers and a replay;
 - no host synchronization inside the step: the optimizer is built with ``capturable=True`` and a learning rate
   that is a device tensor, which schedules overwrite in place between replays, so a schedule needs no recapture;
 - one shape: a batch of another shape (the last, smaller batch of an epoch) runs eagerly on the same
@@ -40,6 +41,10 @@ class GraphedTrainStep:
         self.trainer = trainer
         self.static_images = images.detach().clone(memory_format=torch.preserve_format)
         self.static_labels = labels.detach().clone()
+        # The epoch's running sums (loss * batch size, right predictions), added to by every replay: the epoch loop
+        # adopts them (fastcnn.engine.Trainer.train_epoch), so that a replayed step needs no adds of its own.
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=images.device)
+        self.correct_sum = torch.zeros((), dtype=torch.int64, device=images.device)
         model_state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
         optimizer_state = snapshot_optimizer(trainer.optimizer)
         # DistributedDataParallel: warm up and capture in the stream DDP was built in (its gradient hooks run
@@ -87,7 +92,8 @@ class GraphedTrainStep:
         # into the graph and never see the parameters' updates.
         with trainer.autocast(cache_enabled=False):
             logits = trainer.forward_model(self.static_images)
-            loss, correct = trainer.loss_and_correct(logits, self.static_labels, trainer.label_smoothing)
+            loss, correct = trainer.loss_and_correct(logits, self.static_labels, trainer.label_smoothing,
+                                                     (self.loss_sum, self.correct_sum))
         loss.backward()
         trainer.optimizer.step()
         return loss.detach(), correct

@@ -142,6 +142,7 @@ class Trainer:
         self.compile = compile
         self.kernel_timings = []  # fastcnn.kernel_choice.KernelTiming per measured call, filled by warm_up
         self.graphed_step = None  # captured at the first full batch (fastcnn.cuda_graph.GraphedTrainStep)
+        self.replayed_last_step = False  # whether the last train_step was a graph replay
         self.optimizer = build_optimizer(opt, self.model.parameters(), lr, betas,
                                          capturable_on=device if cuda_graph else None, fused=fused_optimizer)
         self.scheduler = build_schedule(schedule, self.optimizer, lr, total_steps)
@@ -196,6 +197,7 @@ class Trainer:
 
         With ``cuda_graph``, the first batch's shape is captured as a CUDA graph and every batch of that shape
         replays it (the returned tensors are the graph's: valid until the next step); others run eagerly."""
+        self.replayed_last_step = False
         if not self.cuda_graph:
             return self.eager_step(images, labels)
         if self.graphed_step is None:
@@ -213,7 +215,9 @@ class Trainer:
                 return self.eager_step(images, labels)
             self.graph_status = "captured"
         if not self.graphed_step.accepts(images, labels):
+            self.replayed_last_step = False
             return self.eager_step(images, labels)
+        self.replayed_last_step = True
         result = self.graphed_step.replay(images, labels)
         if self.scheduler is not None:
             self.scheduler.step()  # on the host, outside the graph: it overwrites the lr tensor in place
@@ -267,19 +271,26 @@ class Trainer:
         synchronize(self.device)
         started = time.perf_counter()
         clock_base = progress.seconds
-        serving_into_graph = False
+        serving_into_graph = sums_in_graph = False
         try:
             for images, labels in loader:
                 loss, correct = self.train_step(images, labels)
-                if not serving_into_graph and self.graphed_step is not None and hasattr(loader, "serve_into"):
-                    # From the next batch on, the loader gathers straight into the graph's inputs (no copies).
-                    serving_into_graph = loader.serve_into(self.graphed_step.static_images,
-                                                           self.graphed_step.static_labels)
                 count = labels.shape[0]
-                # Two in-place adds per step (float64 sum of loss * count, as loss.double() * count would round):
-                # on a GPU each op is a launch, and a graph-replayed step is otherwise just one.
-                progress.loss_sum.add_(loss, alpha=count)
-                progress.correct.add_(correct)
+                if not (sums_in_graph and self.replayed_last_step):
+                    # Two in-place adds (float64 sum of loss * count, as loss.double() * count would round); a
+                    # replayed step has made them in its graph once the epoch's sums are the graph's own.
+                    progress.loss_sum.add_(loss, alpha=count)
+                    progress.correct.add_(correct)
+                graph = self.graphed_step
+                if graph is not None and not sums_in_graph:
+                    # From the next step on, a replay launches nothing else: the loader gathers straight into the
+                    # graph's inputs (no copies), and the graph adds to the epoch's sums (no adds).
+                    if hasattr(loader, "serve_into"):
+                        serving_into_graph = loader.serve_into(graph.static_images, graph.static_labels)
+                    graph.loss_sum.copy_(progress.loss_sum)
+                    graph.correct_sum.copy_(progress.correct)
+                    progress.loss_sum, progress.correct = graph.loss_sum, graph.correct_sum
+                    sums_in_graph = True
                 progress.samples += count
                 progress.batches += 1
                 if bar is not None:
@@ -302,6 +313,8 @@ class Trainer:
         finally:
             if serving_into_graph:
                 loader.serve_into(None)  # the loader serves new tensors again, to whoever iterates it next
+            if sums_in_graph:  # the epoch's sums, apart from the graph's (later replays add to those)
+                progress.loss_sum, progress.correct = progress.loss_sum.clone(), progress.correct.clone()
         synchronize(self.device)
         progress.seconds = clock_base + time.perf_counter() - started
         stats = progress.finish()
@@ -391,11 +404,19 @@ class Trainer:
         return time.perf_counter() - started
 
 
-def loss_and_correct(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training loss (mean cross-entropy) and how many rows of ``logits`` rank their label first."""
+def loss_and_correct(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
+                     sums: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training loss (mean cross-entropy) and how many rows of ``logits`` rank their label first.
+
+    ``sums``: (float64 loss sum, int64 count of right predictions) to add this batch to, as the epoch loop does
+    (loss times batch size, in float64): a CUDA graph's step keeps the epoch's sums itself, in these kernels."""
     loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-    return loss, count_correct(logits.detach(), labels)
+    correct = count_correct(logits.detach(), labels)
+    if sums is not None:
+        loss_sum, correct_sum = sums
+        loss_sum.add_(loss.detach(), alpha=labels.shape[0])
+        correct_sum.add_(correct)
+    return loss, correct
 
 
 def count_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastcnn.data import DeviceLoader, synthetic_dataset
-from fastcnn.engine import Trainer
+from fastcnn.engine import EpochProgress, Trainer
 from fastcnn.models import build_model
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -182,9 +182,10 @@ def test_a_failed_capture_with_several_processes_fails_the_run(monkeypatch):
 
 
 def test_the_epoch_loop_has_the_loader_gather_straight_into_the_graph_inputs(monkeypatch):
-    # Runs on CPU: GraphedTrainStep's own replay() and accepts(), over a stand-in "graph" that runs the eager step
-    # on the static inputs. After the first (captured) step the loader gathers each full batch into those inputs,
-    # so replay copies nothing; the run trains exactly as an eager one, and the loader is let go afterwards.
+    # Runs on CPU: GraphedTrainStep's own replay(), accepts() and step function, over a stand-in "graph" that runs
+    # that step function eagerly. After the first (captured) step the loader gathers each full batch into the
+    # graph's inputs, so replay copies nothing, and the graph's running sums are the epoch's, so the loop adds
+    # nothing; the run trains and reports exactly as an eager one, and loader and sums are let go afterwards.
     import fastcnn.cuda_graph
 
     received = []
@@ -193,15 +194,17 @@ def test_the_epoch_loop_has_the_loader_gather_straight_into_the_graph_inputs(mon
         def __init__(self, step):
             self.step = step
 
-        def replay(self):
-            step = self.step
-            step.static_loss, step.static_correct = step.trainer.eager_step(step.static_images, step.static_labels)
+        def replay(self):  # what capture recorded: the real step function, its grads allocated afresh
+            self.step.trainer.optimizer.zero_grad(set_to_none=True)
+            self.step.static_loss, self.step.static_correct = self.step._step()
 
     class StandIn(fastcnn.cuda_graph.GraphedTrainStep):
         def __init__(self, trainer, images, labels):  # no capture: buffers as the real one makes them
             self.trainer = trainer
             self.static_images = images.detach().clone(memory_format=torch.preserve_format)
             self.static_labels = labels.detach().clone()
+            self.loss_sum = torch.full((), 1e6, dtype=torch.float64)  # whatever warm-up and past epochs left
+            self.correct_sum = torch.full((), 12345, dtype=torch.int64)
             self.graph = EagerGraph(self)
 
         def replay(self, images, labels):
@@ -229,6 +232,12 @@ def test_the_epoch_loop_has_the_loader_gather_straight_into_the_graph_inputs(mon
     assert received == [False, True, True, True] * 2
     for p_plain, p_graph in zip(plain.model.parameters(), trainer.model.parameters(), strict=True):
         assert torch.equal(p_plain, p_graph)
+    # The sums an epoch returns with are its own: later replays add to the graph's, not to a past epoch's.
+    progress = EpochProgress.start(torch.device("cpu"))
+    trainer.train_epoch(loader, progress=progress)
+    done = progress.to_dict()
+    trainer.train_step(*next(iter(loader)))
+    assert progress.to_dict() == done and progress.loss_sum is not trainer.graphed_step.loss_sum
 
 
 @pytest.mark.gpu

@@ -79,3 +79,27 @@ def test_compiled_trainer_steps_match_eager_trainer_steps():
         assert torch.equal(correct_c, correct_e)
     for (name, p_e), p_c in zip(eager.model.named_parameters(), compiled.model.parameters(), strict=True):
         torch.testing.assert_close(p_c, p_e, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("rows", [1, 64])
+def test_compiled_running_sums_match_eager(rows):
+    # What a CUDA graph's step does: add the batch's loss * rows (float64) and right predictions to running sums,
+    # in place, inside the compiled function (one graph, no break), as the epoch loop's eager adds would.
+    labels = torch.randint(0, 10, (rows,), generator=torch.Generator().manual_seed(3))
+    sums = {}
+    for name, fn in (("eager", loss_and_correct), ("compiled", compiled_loss_and_correct)):
+        loss_sum = torch.tensor(1.25, dtype=torch.float64)
+        correct_sum = torch.tensor(7, dtype=torch.int64)
+        logits = _logits(rows, 10, torch.bfloat16).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for _ in range(3):
+                loss, correct = fn(logits, labels, 0.0, (loss_sum, correct_sum))
+        loss.backward()
+        sums[name] = (loss_sum, correct_sum, logits.grad)
+        expected_sum = torch.tensor(1.25, dtype=torch.float64).add_(loss.detach(), alpha=rows)
+        expected_sum.add_(loss.detach(), alpha=rows).add_(loss.detach(), alpha=rows)
+        assert torch.equal(loss_sum, expected_sum) and int(correct_sum) == 7 + 3 * int(correct)
+    assert_compiled_once()
+    torch.testing.assert_close(sums["compiled"][0], sums["eager"][0], rtol=1e-6, atol=0)
+    assert torch.equal(sums["compiled"][1], sums["eager"][1])
+    torch.testing.assert_close(sums["compiled"][2], sums["eager"][2], rtol=1e-2, atol=1e-2)
