@@ -11,8 +11,9 @@ which, per step:
   ``wall_us``, the step's wall-clock time under the profiler: busy close to wall means the GPU sets the pace;
 - ``top``: the kernels that took the most device time.
 
-On a CPU there is no separate device: ``device_kernels`` counts the innermost aten operators and ``top`` ranks them
-by their own CPU time; the host and busy figures are left out. The profiler adds overhead to every call, so
+On a CPU there is no separate device: ``device_kernels`` counts the aten operators called (those that other
+operators call included) and ``top`` ranks them by their own CPU time (their callees' excluded); the host and busy
+figures are left out. The profiler adds overhead to every call, so
 ``wall_us`` is slower than an unprofiled step: compare it with the kernels' figures, not with the timed results.
 """
 
@@ -79,16 +80,11 @@ def summarize(events, steps: int, wall_seconds: float, device: torch.device) -> 
         durations = [(event.name, event.time_range.end - event.time_range.start) for event in kernels]
         figures = dict(host_launches=launches / steps, device_busy_us=union_length(spans) / steps)
     else:
-        kernels = [event for event in events if _is_innermost_operator(event)]
-        durations = [(event.name, event.self_cpu_time_total) for event in kernels]
+        kernels = [event for event in events if event.device_type == DeviceType.CPU and event.name.startswith("aten::")]
+        durations = [(event.name, event.self_cpu_time_total) for event in kernels]  # self: children not twice
         figures = dict(host_launches=None, device_busy_us=None)
     return dict(steps=steps, device_kernels=len(kernels) / steps, wall_us=1e6 * wall_seconds / steps, **figures,
                 top=top_kernels(durations, steps))
-
-
-def _is_innermost_operator(event) -> bool:
-    return (event.device_type == DeviceType.CPU and event.name.startswith("aten::")
-            and not any(child.name.startswith("aten::") for child in event.cpu_children))
 
 
 def union_length(spans: list[tuple[float, float]]) -> float:

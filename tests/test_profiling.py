@@ -17,7 +17,7 @@ from fastcnn.profiling import format_profile, profile_training, summarize, top_k
 
 def _event(name, device_type, start=0.0, end=0.0):
     return SimpleNamespace(name=name, device_type=device_type, time_range=SimpleNamespace(start=start, end=end),
-                           cpu_children=[], self_cpu_time_total=end - start)
+                           self_cpu_time_total=end - start)
 
 
 def test_union_length_counts_overlaps_once():
