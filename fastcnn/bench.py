@@ -175,7 +175,10 @@ def _profiled(trainer, train_loader, steps: int) -> dict:
     from fastcnn.profiling import profile_training
 
     train_loader.set_epoch(1)
-    return dict(profile=profile_training(trainer, train_loader, steps))
+    try:
+        return dict(profile=profile_training(trainer, train_loader, steps))
+    except Exception as err:  # the timing measured above stands without its profile
+        return dict(profile_error=f"{type(err).__name__}: {' '.join(str(err).split())[:300]}")
 
 
 def _free_device_memory(device: torch.device) -> None:
@@ -270,6 +273,8 @@ def run_bench(base: TrainConfig, configs: list[BenchConfig], *, steps: int = 50,
                       file=log, flush=True)
                 if "profile" in sample:
                     print(format_profile(row["config"], sample["profile"]), file=log, flush=True)
+                if "profile_error" in sample:
+                    print(f"  {row['config']}: profile failed: {sample['profile_error']}", file=log, flush=True)
     except KeyboardInterrupt:
         interrupted = True
         print("  interrupted: reporting the configurations measured so far", file=log)
@@ -294,10 +299,11 @@ def run_bench(base: TrainConfig, configs: list[BenchConfig], *, steps: int = 50,
             row.update(_median_epoch(runs))
         else:
             row.update(runs[0])
-        profiled = [run["profile"] for run in runs if "profile" in run]  # the first round's, whichever is median
-        row.pop("profile", None)
-        if profiled:
-            row["profile"] = profiled[0]
+        for key in ("profile", "profile_error"):  # the first round's, whichever run is the median
+            row.pop(key, None)
+            found = [run[key] for run in runs if key in run]
+            if found:
+                row[key] = found[0]
         rate = row["images_per_second"]
         reference_rate = reference_rate or rate
         row["speedup_vs_first"] = rate / reference_rate
@@ -344,6 +350,7 @@ def format_results(doc: dict) -> str:
     if doc.get("interrupted"):
         lines.append("INTERRUPTED: only the configurations above were measured")
     lines += [format_profile(row["config"], row["profile"]) for row in measured if "profile" in row]
+    lines += [f"profile {row['config']} failed: {row['profile_error']}" for row in measured if "profile_error" in row]
     for row in doc["results"]:
         for outcome in ("skipped", "failed"):
             if outcome in row:

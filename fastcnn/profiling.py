@@ -15,6 +15,13 @@ On a CPU there is no separate device: ``device_kernels`` counts the aten operato
 operators call included) and ``top`` ranks them by their own CPU time (their callees' excluded); the host and busy
 figures are left out. The profiler adds overhead to every call, so
 ``wall_us`` is slower than an unprofiled step: compare it with the kernels' figures, not with the timed results.
+
+CUDA graphs and the profiler (CUPTI) have a history: a graph captured before the process's first profiler session
+could crash or hang when replayed under the profiler (pytorch#75504, fixed for CUDA >= 12.6), and torch's workaround,
+an empty profiler session before any capture (``torch.profiler._utils._init_for_cuda_graphs``), has been reported
+to leave later sessions recording no GPU activity at all on CUDA 13. So fastcnn does not apply it; a profile that
+recorded no GPU activity says so (``warning``) instead of reporting zeros, and ``bench/gpu_session.sh`` profiles in
+a process of its own, apart from the timed runs.
 """
 
 from __future__ import annotations
@@ -22,11 +29,10 @@ from __future__ import annotations
 import itertools
 import time
 from collections import defaultdict
-from collections.abc import Callable
 
 import torch
 from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, schedule
 
 from fastcnn.engine import synchronize
 
@@ -39,42 +45,59 @@ HOST_LAUNCH_CALLS = frozenset({
 _NAME_CHARS = 90  # kernel names of templated code run to hundreds of characters
 
 
-def profile_steps(run_steps: Callable[[], int], device: torch.device) -> dict:
-    """Profile ``run_steps()``, which runs some training steps and returns how many; per-step figures."""
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    synchronize(device)
-    with profile(activities=activities) as prof:
-        started = time.perf_counter()
-        steps = run_steps()
-        synchronize(device)
-        wall = time.perf_counter() - started
-    if steps < 1:
-        raise ValueError("profile_steps: no step ran")
-    return summarize(prof.events(), steps, wall, device)
+class FirstBatches:
+    """The first ``count`` batches of ``loader``'s current epoch; with the loader's ``serve_into`` when it has one,
+    so that the epoch loop feeds a CUDA graph as in training."""
+
+    def __init__(self, loader, count: int):
+        self.loader, self.count = loader, count
+
+    def __iter__(self):
+        return itertools.islice(iter(self.loader), self.count)
+
+    def __len__(self) -> int:
+        return min(len(self.loader), self.count)
+
+    def __getattr__(self, name: str):
+        if name == "serve_into":
+            return getattr(self.loader, name)  # AttributeError when the loader has none
+        raise AttributeError(name)
 
 
 def profile_training(trainer, loader, steps: int) -> dict:
-    """Profile the first ``steps`` steps of ``loader``'s current epoch as ``fastcnn train`` runs them
-    (``trainer.train_epoch``: loading, the step or its graph replay, the running sums)."""
-    def run_steps() -> int:
-        ran = 0
+    """Profile ``steps`` steps of ``loader``'s current epoch as ``fastcnn train`` runs them
+    (``trainer.train_epoch``: loading, the step or its graph replay, the running sums), from its second step on,
+    so that the epoch's own start (its order of samples, setting up its sums) is left out, and its end too unless
+    the epoch has no more than ``steps`` batches."""
+    device = trainer.device
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    clock, seen = {}, {"batches": 0}
 
-        def first_batches():
-            nonlocal ran
-            for batch in itertools.islice(loader, steps):
-                ran += 1
-                yield batch
+    def on_batch(progress) -> None:
+        seen["batches"] = progress.batches
+        if progress.batches in (1, steps + 1):  # the window's edges: after the first step and after the last
+            synchronize(device)
+            clock[progress.batches] = time.perf_counter()
+        prof.step()
 
-        trainer.train_epoch(first_batches(), check_loss=False)
-        return ran
-
-    return profile_steps(run_steps, trainer.device)
+    # The first step runs under the profiler's warm-up (traced, then dropped); the next `steps` are recorded.
+    with profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=steps, repeat=1)) as prof:
+        trainer.train_epoch(FirstBatches(loader, steps + 1), on_batch=on_batch, check_loss=False)
+        if seen["batches"] <= steps:  # a shorter epoch: the window closes with it
+            synchronize(device)
+            clock[steps + 1] = time.perf_counter()
+    ran = seen["batches"] - 1
+    if ran < 1:
+        raise ValueError("the epoch has fewer than 2 batches: nothing to profile after its first step")
+    return summarize(prof.events(), ran, clock[steps + 1] - clock[1], device)
 
 
 def summarize(events, steps: int, wall_seconds: float, device: torch.device) -> dict:
     """Per-step figures from a profiler's events (see the module's docstring)."""
     if device.type == "cuda":
-        kernels = [event for event in events if event.device_type == DeviceType.CUDA]
+        # Not the GPU-side spans of record_function scopes (Optimizer.step has one): they are not kernels.
+        kernels = [event for event in events if event.device_type == DeviceType.CUDA
+                   and not getattr(event, "is_user_annotation", False)]
         launches = sum(1 for event in events if event.device_type == DeviceType.CPU and event.name in HOST_LAUNCH_CALLS)
         spans = [(event.time_range.start, event.time_range.end) for event in kernels]
         durations = [(event.name, event.time_range.end - event.time_range.start) for event in kernels]
@@ -83,8 +106,13 @@ def summarize(events, steps: int, wall_seconds: float, device: torch.device) -> 
         kernels = [event for event in events if event.device_type == DeviceType.CPU and event.name.startswith("aten::")]
         durations = [(event.name, event.self_cpu_time_total) for event in kernels]  # self: children not twice
         figures = dict(host_launches=None, device_busy_us=None)
-    return dict(steps=steps, device_kernels=len(kernels) / steps, wall_us=1e6 * wall_seconds / steps, **figures,
-                top=top_kernels(durations, steps))
+    figures = dict(steps=steps, device_kernels=len(kernels) / steps, wall_us=1e6 * wall_seconds / steps, **figures,
+                   top=top_kernels(durations, steps))
+    if device.type == "cuda" and not kernels:
+        # Seen with CUDA graphs on some CUDA/CUPTI versions: then the GPU figures would read as zeros.
+        figures["warning"] = ("the profiler recorded no GPU activity: GPU figures unavailable (CUPTI and CUDA graphs; "
+                              "see fastcnn.profiling)")
+    return figures
 
 
 def union_length(spans: list[tuple[float, float]]) -> float:
@@ -119,5 +147,7 @@ def format_profile(config: str, figures: dict) -> str:
         parts += [f"{figures['host_launches']:.1f} host launches", f"GPU busy {figures['device_busy_us']:.1f} us"]
     parts.append(f"wall {figures['wall_us']:.1f} us (profiled)")
     lines = [f"profile {config}, per step over {figures['steps']} steps: " + ", ".join(parts)]
+    if "warning" in figures:
+        lines.append(f"    warning: {figures['warning']}")
     lines += [f"    {kernel['us']:8.1f} us  {kernel['calls']:4.1f}x  {kernel['name']}" for kernel in figures["top"]]
     return "\n".join(lines)

@@ -148,6 +148,8 @@ def install_test_fault(trainer: Trainer, rank: int) -> None:
         loss, correct = real_step(images, labels)
         if fault == "nan" and steps >= int(fault_step):
             loss = loss * float("nan")
+            if trainer.replayed_last_step:  # the graph added this step to the epoch's sums itself
+                trainer.graphed_step.loss_sum.fill_(float("nan"))
         elif fault != "nan" and steps == int(fault_step):
             os.kill(os.getpid(), signal.Signals[fault])
         return loss, correct

@@ -81,6 +81,11 @@ def test_compiled_trainer_steps_match_eager_trainer_steps():
         torch.testing.assert_close(p_c, p_e, rtol=1e-4, atol=1e-6, msg=name)
 
 
+# torch < 2.12 turns a 0-dim CPU tensor input of a compiled function into a symbolic scalar and then drops an in-place
+# add to it (float64; int64 is fine). fastcnn adds to its sums only on a GPU (in a CUDA graph), where that does not
+# happen; the GPU test of graph-replayed epochs with compile covers that case.
+@pytest.mark.skipif(tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 12),
+                    reason="torch < 2.12 drops in-place adds to 0-dim CPU float64 inputs of compiled functions")
 @pytest.mark.parametrize("rows", [1, 64])
 def test_compiled_running_sums_match_eager(rows):
     # What a CUDA graph's step does: add the batch's loss * rows (float64) and right predictions to running sums,

@@ -12,12 +12,12 @@ from fastcnn.data import DeviceLoader
 from fastcnn.data.datasets import synthetic_dataset
 from fastcnn.engine import Trainer
 from fastcnn.models import SimpleCNN
-from fastcnn.profiling import format_profile, profile_training, summarize, top_kernels, union_length
+from fastcnn.profiling import FirstBatches, format_profile, profile_training, summarize, top_kernels, union_length
 
 
-def _event(name, device_type, start=0.0, end=0.0):
+def _event(name, device_type, start=0.0, end=0.0, annotation=False):
     return SimpleNamespace(name=name, device_type=device_type, time_range=SimpleNamespace(start=start, end=end),
-                           self_cpu_time_total=end - start)
+                           self_cpu_time_total=end - start, is_user_annotation=annotation)
 
 
 def test_union_length_counts_overlaps_once():
@@ -40,16 +40,30 @@ def test_cuda_figures_from_events():
               _event("cudaGraphLaunch", DeviceType.CPU), _event("cudaMemcpyAsync", DeviceType.CPU),
               _event("aten::copy_", DeviceType.CPU),
               _event("gemm", DeviceType.CUDA, 0, 6), _event("relu", DeviceType.CUDA, 4, 10),
-              _event("gemm", DeviceType.CUDA, 20, 25)]
+              _event("gemm", DeviceType.CUDA, 20, 25),
+              _event("Optimizer.step#Adam.step", DeviceType.CUDA, 0, 40, annotation=True)]  # a span, not a kernel
     figures = summarize(events, steps=2, wall_seconds=40e-6, device=torch.device("cuda"))
     assert figures["host_launches"] == 2 and figures["device_kernels"] == 1.5
     assert figures["device_busy_us"] == 7.5 and figures["wall_us"] == pytest.approx(20)
     assert figures["top"][0] == dict(name="gemm", calls=1.0, us=5.5)
     text = format_profile("fast", figures)
     assert "1.5 kernels" in text and "2.0 host launches" in text and "GPU busy 7.5 us" in text
+    assert "warning" not in figures
+    silent = summarize(events[:5], steps=2, wall_seconds=40e-6, device=torch.device("cuda"))
+    assert silent["device_kernels"] == 0 and "no GPU activity" in format_profile("fast", silent)
 
 
-def test_profile_training_counts_the_steps_of_the_training_loop():
+def test_profile_training_records_the_steps_after_the_epochs_first(monkeypatch):
+    import fastcnn.profiling
+
+    recorded = []
+    real_summarize = fastcnn.profiling.summarize
+
+    def recording(events, *args):
+        recorded.append({event.name for event in events})
+        return real_summarize(events, *args)
+
+    monkeypatch.setattr(fastcnn.profiling, "summarize", recording)
     torch.manual_seed(0)
     data = synthetic_dataset(200, seed=0)
     loader = DeviceLoader(data, 32, seed=0)
@@ -58,8 +72,20 @@ def test_profile_training_counts_the_steps_of_the_training_loop():
     assert figures["steps"] == 3 and figures["host_launches"] is None and figures["device_busy_us"] is None
     names = {kernel["name"] for kernel in figures["top"]}
     assert figures["device_kernels"] > 10 and names and all(name.startswith("aten::") for name in names)
+    # Steps, not the epoch's start: no order of samples drawn, and no sums set up, in the window.
+    assert "aten::mkldnn_convolution" in recorded[0] or "aten::convolution" in recorded[0]
+    assert "aten::randperm" not in recorded[0] and "aten::zeros" not in recorded[0]
     short = profile_training(trainer, DeviceLoader(data, 150, seed=0), steps=5)  # only 2 batches in the epoch
-    assert short["steps"] == 2
+    assert short["steps"] == 1
+    with pytest.raises(ValueError, match="fewer than 2 batches"):
+        profile_training(trainer, DeviceLoader(data, 200, seed=0), steps=5)
+
+
+def test_first_batches_passes_serve_into_through_only_when_the_loader_has_it():
+    loader = DeviceLoader(synthetic_dataset(100), 32)
+    first = FirstBatches(loader, 2)
+    assert len(first) == 2 and len(list(first)) == 2 and first.serve_into == loader.serve_into
+    assert not hasattr(FirstBatches([1, 2, 3], 2), "serve_into") and list(FirstBatches([1, 2, 3], 2)) == [1, 2]
 
 
 def test_bench_profile_reports_per_configuration(tmp_path, capsys):
@@ -76,3 +102,19 @@ def test_bench_profile_reports_per_configuration(tmp_path, capsys):
 def test_bench_refuses_a_negative_profile(capsys):
     assert main(["bench", "--profile", "-1"]) == 2
     assert "--profile" in capsys.readouterr().err
+
+
+def test_a_failed_profile_keeps_the_timing_and_says_why(tmp_path, capsys, monkeypatch):
+    import fastcnn.profiling
+
+    def broken(*args):
+        raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED")
+
+    monkeypatch.setattr(fastcnn.profiling, "profile_training", broken)
+    json_path = tmp_path / "bench.json"
+    code = main(["bench", "--synthetic-size", "600,100", "--steps", "2", "--warmup", "0", "--repeats", "1",
+                 "--configs", "device", "--profile", "2", "--json", str(json_path)])
+    row = json.loads(json_path.read_text())["results"][0]
+    assert code == 0 and row["images_per_second"] > 0 and "profile" not in row
+    assert row["profile_error"] == "RuntimeError: CUPTI_ERROR_NOT_INITIALIZED"
+    assert "profile device failed: RuntimeError" in capsys.readouterr().out
