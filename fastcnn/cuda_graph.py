@@ -73,7 +73,11 @@ class GraphedTrainStep:
         self.graph = torch.cuda.CUDAGraph()
         caller_stream = torch.cuda.current_stream()
         try:
-            with torch.cuda.graph(self.graph, stream=ddp_stream):  # None: torch's own capture stream, as before
+            # thread_local: only this thread's capture-unsafe CUDA calls fail the capture. In the default "global"
+            # mode a call from any thread does, and a DALI pipeline's worker threads (which can still be releasing a
+            # batch) have ended processes that way (DALI#3703); Inductor's own CUDA graphs capture thread_local too.
+            with torch.cuda.graph(self.graph, stream=ddp_stream,  # None: torch's own capture stream
+                                  capture_error_mode="thread_local"):
                 self.static_loss, self.static_correct = self._step()
         except BaseException as failure:
             # When capture_end() itself raises (an invalidated capture), torch.cuda.graph never leaves its stream
