@@ -215,7 +215,6 @@ class Trainer:
                 return self.eager_step(images, labels)
             self.graph_status = "captured"
         if not self.graphed_step.accepts(images, labels):
-            self.replayed_last_step = False
             return self.eager_step(images, labels)
         self.replayed_last_step = True
         result = self.graphed_step.replay(images, labels)
