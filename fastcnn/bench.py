@@ -16,9 +16,10 @@ optimizer, CUDA graph pool included); ``step_memory_mb`` is that peak minus what
 activations and temporaries of the steps themselves). Each configuration starts after the previous one's memory
 is freed.
 
-Profile (``--profile N``): after its timing, each configuration trains N more steps under torch.profiler, in
-``fastcnn train``'s loop, and reports per step what the host launched, what the device ran and how long it was busy
-(``fastcnn.profiling``): whether the host or the GPU's string of small kernels sets the pace, and which kernels.
+Profile (``--profile N``): after its timing, each configuration trains N + 1 more steps in ``fastcnn train``'s
+loop, profiles the last N with torch.profiler, and reports per step what the host launched, what the device ran and
+how long it was busy (``fastcnn.profiling``): whether the host or the GPU's string of small kernels sets the pace,
+and which kernels.
 
 Interrupted (Ctrl-C, or a time limit's SIGINT): the configurations measured so far are printed and written, the
 document says ``"interrupted": true``, and the command still exits 130.

@@ -342,7 +342,7 @@ class Trainer:
                 logits = self.eval_model(images)
                 loss = F.cross_entropy(logits.float(), labels, reduction="sum")
             loss_sum += loss.double()
-            correct += (logits.argmax(1) == labels).sum()
+            correct += count_correct(logits, labels)
             samples += labels.shape[0]
         self.model.train()
         samples = max(samples, 1)
