@@ -44,6 +44,7 @@ from fastcnn.config import ResolvedConfig, TrainConfig, resolve
 from fastcnn.engine import synchronize
 from fastcnn.errors import FastcnnError, UsageError
 from fastcnn.profiling import format_profile
+from fastcnn.ops import native_kernel_status, native_runs_on_cpu
 from fastcnn.report import atomic_write_bytes, format_table, refuse_existing, write_results
 from fastcnn.train import build_trainer, load_splits, warm_up
 
@@ -236,9 +237,8 @@ def run_bench(base: TrainConfig, configs: list[BenchConfig], *, steps: int = 50,
         except FastcnnError as unavailable:
             row["skipped"] = str(unavailable)
         else:
-            if rc.device == "cpu" and rc.kernel == "triton":
-                row["skipped"] = ("the fused Triton kernel runs on a CPU only under the Triton interpreter (a "
-                                  "correctness tool, far slower than aten); measure it on a GPU")
+            if rc.device == "cpu" and rc.kernel == "triton" and not native_runs_on_cpu():
+                row["skipped"] = f"the fused kernel has no fast CPU implementation here ({native_kernel_status()})"
             else:
                 row["settings"] = dict(loader=rc.loader, amp=rc.amp, amp_dtype=rc.amp_dtype if rc.amp else None,
                                        channels_last=rc.channels_last, compile=rc.compile,

@@ -291,11 +291,11 @@ def _check_available(chosen: dict, device: str, amp_dtype: str, opt: str, compil
         raise NotAvailableError("--amp-dtype float16 needs a CUDA GPU (the CPU autocasts to bfloat16); "
                                 "use --amp-dtype bfloat16 or --no-amp")
     if chosen["kernel"] == "triton":
-        from fastcnn.ops import fused_kernel_status
+        from fastcnn.ops import fused_kernel_status, native_runs_on_cpu
 
         ok, why = fused_kernel_status(torch.device(device))
         if not ok:
             raise NotAvailableError(f"--kernel triton cannot run here: {why}; use --kernel auto or torch")
-        if device == "cpu" and chosen["compile"]:
+        if device == "cpu" and chosen["compile"] and not native_runs_on_cpu():
             raise NotAvailableError("--kernel triton on the CPU runs the Triton interpreter, which torch.compile "
                                     "cannot trace; use --no-compile, or --kernel auto")

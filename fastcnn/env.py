@@ -66,13 +66,20 @@ def git_commit() -> str | None:
 
 def features() -> dict[str, tuple[bool, str]]:
     """Feature name -> (available, why or why not)."""
+    from fastcnn import ops
     from fastcnn.data.dali_status import dali_status
     from fastcnn.ops import fused_kernel_status
 
     cuda = torch.cuda.is_available()
     found = {}
     device = torch.device("cuda" if cuda else "cpu")
-    found["fused Triton kernel"] = fused_kernel_status(device)
+    if cuda:
+        found["fused Triton kernel"] = fused_kernel_status(device)
+    else:
+        found["fused Triton kernel"] = (False, "needs a CUDA GPU" + (
+            "; TRITON_INTERPRET=1 runs it on this CPU under the interpreter, for tests" if ops.INTERPRET_ON_CPU
+            else ""))
+    found["native CPU kernel"] = (ops.NATIVE_ON_CPU, ops.native_kernel_status())
     found["DALI loader"] = dali_status()
     found["CUDA graphs"] = (False, "needs a CUDA GPU") if not cuda else (
         True, "--cuda-graph (off by default: not yet measured on a GPU)")

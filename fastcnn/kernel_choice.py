@@ -156,8 +156,9 @@ def _input_dtype(module: nn.Conv2d, key: CallKey) -> torch.dtype:
 
 
 def fused_is_an_option(device: torch.device) -> bool:
-    """Whether ``auto`` may pick the fused kernel on ``device``: on CUDA where its kernels run. Never on the CPU,
-    where only the Triton interpreter could run them (tests measure there by replacing this function)."""
+    """Whether ``auto`` may pick the fused kernel on ``device``: on CUDA where its Triton kernels run, on a CPU
+    where the native kernel runs. Never where only the Triton interpreter could run it (tests measure there by
+    replacing this function)."""
     from fastcnn.nn import resolve_kernel
 
     return resolve_kernel("auto", device) == "triton"
@@ -195,8 +196,8 @@ def choose_kernels(model: nn.Module, train_batches: Iterable[torch.Tensor] = (),
     milliseconds per call of a closure (``time_ms`` by default). ``known``: earlier measurements (a resumed
     run's, on the same GPU); calls they cover are not measured again, so a resumed run keeps its kernels even
     where two timings are close. Returns the measurements, also kept in each module's ``kernel_choices``.
-    Nothing is measured where ``auto`` never picks the fused kernel (the CPU): it means the plain chain there
-    anyway. Model parameters and their gradients are left untouched: the contests run on copies.
+    Nothing is measured where ``auto`` never picks the fused kernel (a CPU without the native kernel): it means
+    the plain chain there anyway. Model parameters and their gradients are left untouched: the contests run on copies.
     """
     autocast = autocast or contextlib.nullcontext
     train_batches, eval_batches = list(train_batches), list(eval_batches)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fastcnn.kernel_choice import CallKey
-from fastcnn.ops import conv_pool_relu, conv_relu_pool, fused_kernel_status
+from fastcnn.ops import conv_pool_relu, conv_relu_pool, fused_kernel_status, native_runs_on_cpu
 
 KERNEL_CHOICES = ("auto", "triton", "torch")
 
@@ -18,19 +18,28 @@ def _fused_available(device_type: str, index: int) -> bool:
     return fused_kernel_status(device)[0]
 
 
+@torch.compiler.assume_constant_result
+def _native_available() -> bool:
+    return native_runs_on_cpu()
+
+
 def resolve_kernel(kernel: str, device: torch.device) -> str:
     """The implementation a ``kernel`` choice means on ``device``: ``"triton"`` (the fused op) or ``"torch"``.
 
-    ``"torch"`` and ``"triton"`` mean themselves (``"triton"`` on CPU runs the Triton interpreter when
-    TRITON_INTERPRET=1 was set before import, else the op's plain-PyTorch branch). ``"auto"`` picks the fused
-    op on CUDA when its kernels can run there; on every other device, CPU included, it picks the plain chain:
-    the interpreter is for tests, never for training a model. This is ``auto``'s default, for call shapes that
-    ``fastcnn.choose_kernels`` has not measured; a measured shape takes the measured winner.
+    ``"torch"`` and ``"triton"`` mean themselves. ``"triton"`` is the fused op whatever runs it: Triton kernels on
+    CUDA; on a CPU the native kernel (``fastcnn.kernels.conv_relu_pool_cpu``), or the Triton interpreter when
+    TRITON_INTERPRET=1 was set before import, or the op's plain-PyTorch branch when neither is there. ``"auto"``
+    picks the fused op on CUDA when its kernels can run there and on a CPU when the native kernel runs there;
+    otherwise the plain chain: the interpreter is for tests, never for training a model. This is ``auto``'s
+    default, for call shapes that ``fastcnn.choose_kernels`` has not measured; a measured shape takes the
+    measured winner.
     """
     if kernel not in KERNEL_CHOICES:
         raise ValueError(f"kernel must be one of {KERNEL_CHOICES}, got {kernel!r}")
     if kernel != "auto":
         return kernel
+    if device.type == "cpu":
+        return "triton" if _native_available() else "torch"
     if device.type != "cuda":
         return "torch"
     if not _fused_available(device.type, -1 if device.index is None else device.index):

@@ -14,7 +14,12 @@ CPU Inductor ignores a CPU kernel registration and fails with "triton not built 
 - CUDA: the Triton kernels of ``fastcnn.kernels.conv_relu_pool``, launched through ``wrap_triton``.
 - CPU with ``TRITON_INTERPRET=1`` set before import: the same kernels under Triton's interpreter, eagerly
   (this is how CI tests the kernel code; torch.compile cannot run the interpreter on fake tensors).
-- CPU otherwise (or no Triton): plain aten ops that produce the same ``code`` and the same gradients.
+- CPU otherwise: the native kernels of ``fastcnn.kernels.conv_relu_pool_cpu`` (C, loaded with ctypes), for
+  float32 and bfloat16. They are called through three opaque ``torch.library.custom_op``s of their own
+  (``fastcnn::native_cpu_*``), so that under torch.compile Inductor, which traces into the triton_ops' bodies,
+  keeps each native call as one extern kernel instead of tracing a ctypes call it cannot see.
+- Anything else (float16 on CPU, no native build, no Triton): plain aten ops that produce the same ``code`` and
+  the same gradients.
 """
 
 from __future__ import annotations
@@ -49,11 +54,17 @@ except (ImportError, RuntimeError) as err:
         raise
     _TRITON_ERROR = f"{type(err).__name__}: {err}"
 
-__all__ = ["conv_relu_pool", "conv_relu_pool_reference", "fused_kernel_status", "INTERPRET_ON_CPU"]
+from fastcnn.kernels import conv_relu_pool_cpu as _native
+
+__all__ = ["conv_relu_pool", "conv_relu_pool_reference", "fused_kernel_status", "native_runs_on_cpu",
+           "INTERPRET_ON_CPU", "NATIVE_ON_CPU"]
 
 # Triton decides at kernel definition (the import above) whether @triton.jit kernels are interpreted, so the
 # op captures the same decision once. Tests set it to False to reach the aten branch on CPU (torch.compile).
 INTERPRET_ON_CPU: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Whether CPU calls (outside the interpreter) run the native kernel. Tests set it to False to reach the aten
+# branch, and simulate a missing build that way.
+NATIVE_ON_CPU: bool = _native.LIBRARY is not None
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_KERNEL_SIZE = 7
@@ -109,6 +120,16 @@ def _runs_triton(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and INTERPRET_ON_CPU)
 
 
+def native_runs_on_cpu() -> bool:
+    """Whether the op's CPU calls run the native kernel (it is loaded, and TRITON_INTERPRET=1 did not ask for the
+    Triton interpreter instead)."""
+    return NATIVE_ON_CPU and not INTERPRET_ON_CPU
+
+
+def _runs_native(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and native_runs_on_cpu() and x.dtype in _native.SUPPORTED_DTYPES
+
+
 def _launch(launcher, kernel, device: torch.device, *args):
     """Run a Triton launcher: through ``wrap_triton`` on a GPU, so that torch.compile sees the kernel; directly
     under the interpreter, whose kernels are not JIT functions (older wrap_triton rejects them)."""
@@ -117,12 +138,28 @@ def _launch(launcher, kernel, device: torch.device, *args):
     return launcher(*args)
 
 
+def native_kernel_status() -> str:
+    """One line on the native CPU kernel: which build runs the fused op on CPUs, on how many threads, or why none
+    does (the op then runs the plain PyTorch chain there)."""
+    if not NATIVE_ON_CPU:
+        return f"{_native.STATUS}; the fused op runs the plain PyTorch chain on CPUs"
+    return (f"{_native.STATUS}, {torch.get_num_threads()} threads: runs the fused op on CPUs "
+            "(float32, bfloat16; float16 takes the plain chain)")
+
+
 def fused_kernel_status(device: torch.device | str) -> tuple[bool, str]:
-    """Whether the fused Triton kernels run on ``device``, and a sentence saying why (not).
+    """Whether the fused kernels run on ``device`` (Triton on CUDA, the native kernel on CPU), and a sentence
+    saying why (not).
 
     When they do not, ``conv_relu_pool`` still works: it takes its plain-PyTorch branch.
     """
     device = torch.device(device)
+    if device.type == "cpu":
+        if INTERPRET_ON_CPU and _TRITON_ERROR is None:
+            return True, "Triton interpreter on CPU (TRITON_INTERPRET=1): exact but very slow, for tests"
+        if NATIVE_ON_CPU:
+            return True, f"{_native.STATUS}; float16 runs the plain PyTorch chain"
+        return False, f"{_native.STATUS}; the op runs plain PyTorch ops"
     if _TRITON_ERROR is not None:
         return False, f"the Triton kernels could not be loaded ({_TRITON_ERROR}); the op runs plain PyTorch ops"
     if device.type == "cuda":
@@ -134,12 +171,7 @@ def fused_kernel_status(device: torch.device | str) -> tuple[bool, str]:
         name = torch.cuda.get_device_name(device)
         note = "" if major >= 8 else " (bf16 needs compute capability 8.0)"
         return True, f"Triton kernels on {name} (compute capability {major}.{minor}){note}"
-    if device.type == "cpu":
-        if INTERPRET_ON_CPU:
-            return True, "Triton interpreter on CPU (TRITON_INTERPRET=1): exact but very slow, for tests"
-        return False, ("CPU: Triton kernels run here only under TRITON_INTERPRET=1 set before import; "
-                       "the op runs plain PyTorch ops")
-    return False, f"no Triton backend for device type {device.type!r}; the op runs plain PyTorch ops"
+    return False, f"no fused kernel for device type {device.type!r}; the op runs plain PyTorch ops"
 
 
 # --------------------------------------------------------------------------------------------- aten branch
@@ -181,6 +213,8 @@ def _conv_relu_pool_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                        padding: int) -> tuple[torch.Tensor, torch.Tensor]:
     if _runs_triton(x.device):
         return _launch(_triton_forward, conv_relu_pool_fwd_kernel, x.device, x, weight, bias, padding)
+    if _runs_native(x):
+        return torch.ops.fastcnn.native_cpu_forward(x, weight, bias, padding)
     return _aten_forward(x, weight, bias, padding)
 
 
@@ -199,6 +233,8 @@ def _backward_input_op(grad_out: torch.Tensor, code: torch.Tensor, x: torch.Tens
     if _runs_triton(x.device):
         return _launch(_triton_backward_input, conv_relu_pool_bwd_input_kernel, x.device, grad_out, code, x,
                        weight, padding)
+    if _runs_native(x):
+        return torch.ops.fastcnn.native_cpu_backward_input(grad_out, code, x, weight, padding)
     grad_x = _aten_backward(grad_out, code, x, weight, padding, [True, False, False])[0]
     return _copy_as(grad_x, _memory_format(x))
 
@@ -214,6 +250,8 @@ def _backward_weight_op(grad_out: torch.Tensor, code: torch.Tensor, x: torch.Ten
     if _runs_triton(x.device):
         return _launch(_triton_backward_weight, conv_relu_pool_bwd_weight_kernel, x.device, grad_out, code, x,
                        weight, padding)
+    if _runs_native(x):
+        return torch.ops.fastcnn.native_cpu_backward_weight(grad_out, code, x, weight, padding)
     _, gw, gb = _aten_backward(grad_out, code, x, weight, padding, [False, True, True])
     grad_weight = torch.empty_like(weight)
     grad_weight.copy_(gw)
@@ -223,6 +261,30 @@ def _backward_weight_op(grad_out: torch.Tensor, code: torch.Tensor, x: torch.Ten
 @_backward_weight_op.register_fake
 def _backward_weight_fake(grad_out, code, x, weight, padding):
     return torch.empty_like(weight), weight.new_empty((weight.shape[0],))
+
+
+# The native CPU kernels as opaque ops (see the module docstring), with the same fake implementations.
+@torch.library.custom_op("fastcnn::native_cpu_forward", mutates_args=(), device_types="cpu")
+def _native_forward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       padding: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _native.conv_relu_pool_forward(x, weight, bias, padding)
+
+
+@torch.library.custom_op("fastcnn::native_cpu_backward_input", mutates_args=(), device_types="cpu")
+def _native_backward_input_op(grad_out: torch.Tensor, code: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                              padding: int) -> torch.Tensor:
+    return _native.conv_relu_pool_backward_input(grad_out, code, x, weight, padding)
+
+
+@torch.library.custom_op("fastcnn::native_cpu_backward_weight", mutates_args=(), device_types="cpu")
+def _native_backward_weight_op(grad_out: torch.Tensor, code: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                               padding: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _native.conv_relu_pool_backward_weight(grad_out, code, x, weight, padding)
+
+
+_native_forward_op.register_fake(_conv_relu_pool_fake)
+_native_backward_input_op.register_fake(_backward_input_fake)
+_native_backward_weight_op.register_fake(_backward_weight_fake)
 
 
 def _setup_context(ctx, inputs, output):

@@ -1,8 +1,8 @@
 """The fused Conv2d -> ReLU -> MaxPool2d op against its plain-PyTorch reference: forward and every gradient.
 
-On CPU these run the real Triton kernel code under Triton's interpreter (conftest sets TRITON_INTERPRET=1
-before import), so shapes stay small. On a GPU machine, ``TRITON_INTERPRET=0 pytest tests/...`` runs the same
-tests on CUDA with the compiled kernels.
+On CPU every test runs twice: on the real Triton kernel code under Triton's interpreter (conftest sets
+TRITON_INTERPRET=1 before import), so shapes stay small, and on the native CPU kernel. On a GPU machine,
+``TRITON_INTERPRET=0 pytest tests/...`` runs the same tests on CUDA with the compiled kernels.
 """
 
 from __future__ import annotations
@@ -38,10 +38,26 @@ def _no_tf32(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
 
+@pytest.fixture(autouse=True, params=["interpreter", "native"] if DEVICE == "cpu" else ["cuda"])
+def fused_backend(request, monkeypatch):
+    """What runs the fused op's CPU calls in this test: the Triton interpreter or the native kernel."""
+    if request.param == "native":
+        if ops._native.LIBRARY is None:
+            pytest.skip(ops._native.STATUS)  # test_conv_relu_pool_cpu.py fails where a build was expected
+        monkeypatch.setattr(ops, "INTERPRET_ON_CPU", False)
+        monkeypatch.setattr(ops, "NATIVE_ON_CPU", True)
+    elif request.param == "interpreter" and not ops.INTERPRET_ON_CPU:
+        pytest.skip("needs TRITON_INTERPRET=1 before import (tests/conftest.py sets it)")
+    return request.param
+
+
 @pytest.fixture
-def aten_branch(monkeypatch):
-    """The op's plain-PyTorch branch on CPU, as without TRITON_INTERPRET (what torch.compile can trace)."""
+def aten_branch(monkeypatch, fused_backend):
+    """The op's plain-PyTorch branch on CPU, as without TRITON_INTERPRET and the native kernel."""
+    if fused_backend == "native":
+        pytest.skip("the aten branch does not depend on the fused backend: tested once")
     monkeypatch.setattr(ops, "INTERPRET_ON_CPU", False)
+    monkeypatch.setattr(ops, "NATIVE_ON_CPU", False)
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
@@ -182,6 +198,7 @@ def test_input_without_grad_skips_grad_input(monkeypatch):
         return real_aten_backward(*args)
 
     monkeypatch.setattr(ops, "_triton_backward_input", fail, raising=False)  # absent where triton cannot load
+    monkeypatch.setattr(ops._native, "conv_relu_pool_backward_input", fail)
     # The aten branch (CPU without the interpreter) computes weight and bias gradients with it too.
     monkeypatch.setattr(ops, "_aten_backward", aten_backward_without_input)
     check_against_reference(3, 1, 6, 10, 10, 5, 0, x_grad=False)
@@ -302,11 +319,11 @@ def test_random_shapes(shape, channels_last, bias, seed):
 # --------------------------------------------------------------------------------------------- op checks
 
 
-def test_opcheck_triton_path():
-    # test_aot_dispatch_dynamic is left out on CPU: it traces the op body with fake tensors (AOTAutograd's
-    # FunctionalTensorMode decomposes triton_ops), and the Triton interpreter cannot run on fake tensors.
+def test_opcheck_fused_path(fused_backend):
+    # test_aot_dispatch_dynamic is left out under the interpreter: it traces the op body with fake tensors
+    # (AOTAutograd's FunctionalTensorMode decomposes triton_ops), and the interpreter cannot run on fake tensors.
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
-    if DEVICE == "cuda":
+    if fused_backend != "interpreter":
         utils += ("test_aot_dispatch_dynamic",)
     x, wt, b, _ = make_inputs(2, 3, 4, 6, 7, 3)
     torch.library.opcheck(torch.ops.fastcnn.conv_relu_pool.default, (x, wt, b, 1), test_utils=utils)
@@ -339,6 +356,7 @@ def test_code_matches_between_branches(monkeypatch):
     x, wt, b, _ = make_inputs(2, 3, 6, 9, 8, 3, data="int", x_grad=False)
     out, code = torch.ops.fastcnn.conv_relu_pool(x, wt.detach(), b.detach(), 1)
     monkeypatch.setattr(ops, "INTERPRET_ON_CPU", False)
+    monkeypatch.setattr(ops, "NATIVE_ON_CPU", False)
     out_aten, code_aten = torch.ops.fastcnn.conv_relu_pool(x.cpu(), wt.detach().cpu(), b.detach().cpu(), 1)
     assert torch.equal(out.cpu(), out_aten)
     assert torch.equal(code.cpu(), code_aten)
@@ -403,17 +421,21 @@ def test_autocast_casts_like_conv2d():
 # --------------------------------------------------------------------------------------------- module, status
 
 
-def test_resolve_kernel():
+def test_resolve_kernel(fused_backend):
     cpu = torch.device("cpu")
-    assert resolve_kernel("auto", cpu) == "torch"  # never the interpreter for training, even when it is on
+    # auto is the native kernel where it runs, and never the interpreter for training, even when it is on
+    assert resolve_kernel("auto", cpu) == ("triton" if fused_backend == "native" else "torch")
     assert resolve_kernel("torch", cpu) == "torch"
     assert resolve_kernel("triton", cpu) == "triton"
     with pytest.raises(ValueError, match="kernel must be one of"):
         resolve_kernel("cudnn", cpu)
 
 
-def test_auto_module_on_cpu_runs_the_reference_chain(monkeypatch):
+def test_auto_module_on_cpu_runs_the_reference_chain(monkeypatch, fused_backend):
     import fastcnn.nn
+
+    if fused_backend == "native":
+        pytest.skip("with the native kernel, auto runs the fused op on CPU (test_conv_relu_pool_cpu.py)")
 
     def fail(*args, **kwargs):
         raise AssertionError("kernel='auto' called the fused op on CPU")
@@ -436,13 +458,16 @@ def test_module_state_dict_and_from_conv():
         ConvReLUPool2d.from_conv(nn.Conv2d(3, 6, 3, stride=2))
 
 
-def test_fused_kernel_status(monkeypatch):
+def test_fused_kernel_status(monkeypatch, fused_backend):
     ok, why = fused_kernel_status("cpu")
-    assert ok == (ops.INTERPRET_ON_CPU and ops._TRITON_ERROR is None) and why
+    if fused_backend == "native":
+        assert ok and "native CPU kernel" in why and "build" in why
+    else:
+        assert ok == (ops.INTERPRET_ON_CPU and ops._TRITON_ERROR is None) and why
     monkeypatch.setattr(ops, "INTERPRET_ON_CPU", False)
+    monkeypatch.setattr(ops, "NATIVE_ON_CPU", False)
     ok, why = fused_kernel_status("cpu")
-    # triton <= 3.2 cannot define autotuned kernels without a GPU, interpreter or not: the reason says so
-    assert not ok and ("TRITON_INTERPRET" in why if ops._TRITON_ERROR is None else "could not be loaded" in why)
+    assert not ok and "plain PyTorch" in why
     assert fused_kernel_status("meta")[0] is False
 
 

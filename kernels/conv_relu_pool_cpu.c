@@ -1,0 +1,428 @@
+/* Native CPU kernels for the fused Conv2d -> ReLU -> MaxPool2d(2, 2): stride 1, square kernel k <= 7, zero
+ * padding, floor-mode pooling. The contract is the Triton kernels' (kernels/conv_relu_pool.py):
+ *
+ *   forward          x, weight, bias -> pooled output (N, Cout, HP, WP) and a uint8 code per pooled element:
+ *                    bits 0-1 the winning 2x2 window position (dy * 2 + dx), bit 2 whether ReLU passes the
+ *                    gradient (the winner is not <= 0). The full-size convolution output is never stored.
+ *   backward_weight  grad_pooled, code, x -> grad_weight, grad_bias
+ *   backward_input   grad_pooled, code, weight -> grad_input
+ *
+ * Numerics: products are accumulated in fp32 with the bias added in fp32; each pre-activation is rounded ONCE to
+ * the output dtype, and ReLU and the max work on the rounded values (PyTorch's chain compares values rounded to
+ * its dtype, so ties are decided the same way). The max takes the first maximum in row-major order, with
+ * PyTorch's NaN rule (a position replaces the best when `v > best || isnan(v)`). ReLU's gradient is
+ * threshold_backward's: zero where the output is <= 0, so a window that is all <= 0 gets no gradient. Built
+ * without -ffast-math: these rules need IEEE comparisons.
+ *
+ * Every function is a pure function over buffers: element strides for every tensor (NCHW, channels-last or any
+ * other layout), float32 or bfloat16 storage (the caller passes the dtype), fp32 accumulation, no global state.
+ * Threads: the caller passes how many (torch.get_num_threads()); the parallel regions run on the OpenMP runtime
+ * already in the process (torch's libgomp: the library is linked against libgomp.so.1, the soname torch's copy
+ * carries, so the dynamic loader binds to it and no second thread pool appears). Results do not depend on the
+ * scheduling: the forward and grad_input write disjoint outputs, and grad_weight sums per-thread partials in
+ * thread order, so a run repeats bitwise for a given thread count.
+ *
+ * The same source is compiled once per instruction set (AVX-512, AVX2 + FMA, baseline); the loader picks the
+ * build the CPU supports. The vector code uses GCC's vector extensions, which every target lowers to its own
+ * registers (one zmm, two ymm or four xmm per 16 floats).
+ */
+
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define FASTCNN_CPU_ABI 1
+
+enum { DTYPE_F32 = 0, DTYPE_BF16 = 1 };
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+typedef uint32_t vu16 __attribute__((vector_size(64)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));
+
+#define CO_BLOCK 16 /* output channels per vector (forward, grad_weight) */
+#define CI_BLOCK 8  /* input channels per vector (grad_input) */
+#if defined(__AVX512F__)
+#define PW_BLOCK 4 /* pooled columns per register block: 16 accumulators of 32 zmm registers */
+#else
+#define PW_BLOCK 2 /* 8 accumulators: with 256-bit (or narrower) registers, 16 or more of 16 */
+#endif
+
+static inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    /* Round to nearest even, as torch's c10::BFloat16 does; NaN becomes the canonical quiet NaN 0x7FC0. */
+    if (isnan(f)) return 0x7FC0;
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    u += 0x7FFF + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float load_as_f32(const void *p, int64_t i, int dtype) {
+    return dtype == DTYPE_BF16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void store_from_f32(void *p, int64_t i, float v, int dtype) {
+    if (dtype == DTYPE_BF16)
+        ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else
+        ((float *)p)[i] = v;
+}
+
+
+/* Lane-wise helpers. Comparisons of float vectors give 0 / -1 integer lanes; casts between vector types of one
+ * size reinterpret the bits. */
+static inline v16 select16(vi16 mask, v16 a, v16 b) { return (v16)(((vi16)a & mask) | ((vi16)b & ~mask)); }
+
+static inline v16 relu16(v16 v) { /* clamp_min(v, 0): keeps NaN, maps everything <= 0 to 0 */
+    const v16 zero = {0};
+    return select16(v <= zero, zero, v);
+}
+
+/* The value the output dtype holds for an fp32 result (what PyTorch's chain compares): f32_to_bf16 and back. */
+static inline v16 rounded16(v16 v, int dtype) {
+    if (dtype != DTYPE_BF16) return v;
+    const vu16 u = (vu16)v;
+    const vu16 r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    return select16(v != v, (v16)((vu16){0} + 0x7FC00000u), (v16)r);
+}
+
+static void *alloc_floats(int64_t n) {
+    size_t bytes = (size_t)round_up(n > 0 ? n : 1, 16) * sizeof(float);
+    return aligned_alloc(64, bytes);
+}
+
+/* Rows ih0 .. ih0 + rows - 1 of image n, every channel, as fp32 with the zero padding made explicit:
+ * tile[(ci * rows + r) * (W + 2 * pad) + pad + iw] = x[n, ci, ih0 + r, iw], zero outside the image. */
+static void load_rows(const void *x, const int64_t *xs, int dtype, int64_t n, int64_t c_in, int64_t h, int64_t w,
+                      int64_t pad, int64_t ih0, int64_t rows, float *tile) {
+    const int64_t tw = w + 2 * pad;
+    for (int64_t ci = 0; ci < c_in; ci++) {
+        for (int64_t r = 0; r < rows; r++) {
+            float *dst = tile + (ci * rows + r) * tw;
+            const int64_t ih = ih0 + r;
+            if (ih < 0 || ih >= h) {
+                memset(dst, 0, (size_t)tw * sizeof(float));
+                continue;
+            }
+            for (int64_t i = 0; i < pad; i++) dst[i] = dst[pad + w + i] = 0.0f;
+            const int64_t base = n * xs[0] + ci * xs[1] + ih * xs[2];
+            if (dtype == DTYPE_F32 && xs[3] == 1) {
+                memcpy(dst + pad, (const float *)x + base, (size_t)w * sizeof(float));
+            } else if (dtype == DTYPE_BF16 && xs[3] == 1) {
+                const uint16_t *src = (const uint16_t *)x + base;
+                for (int64_t iw = 0; iw < w; iw++) dst[pad + iw] = bf16_to_f32(src[iw]);
+            } else {
+                for (int64_t iw = 0; iw < w; iw++) dst[pad + iw] = load_as_f32(x, base + iw * xs[3], dtype);
+            }
+        }
+    }
+}
+
+/* weight (Cout, Cin, k, k) with strides ws -> fp32 packed[((ci * k + ky) * k + kx) * co_pad + co], zero-padded
+ * to co_pad output channels, so that one vector load reads CO_BLOCK output channels of one tap. */
+static void pack_weight_by_tap(const void *weight, const int64_t *ws, int dtype, int64_t c_out, int64_t c_in,
+                               int64_t k, int64_t co_pad, float *packed) {
+    memset(packed, 0, (size_t)(c_in * k * k * co_pad) * sizeof(float));
+    for (int64_t co = 0; co < c_out; co++)
+        for (int64_t ci = 0; ci < c_in; ci++)
+            for (int64_t ky = 0; ky < k; ky++)
+                for (int64_t kx = 0; kx < k; kx++)
+                    packed[((ci * k + ky) * k + kx) * co_pad + co] =
+                        load_as_f32(weight, co * ws[0] + ci * ws[1] + ky * ws[2] + kx * ws[3], dtype);
+}
+
+int fastcnn_cpu_abi(void) { return FASTCNN_CPU_ABI; }
+
+const char *fastcnn_cpu_isa(void) {
+#if defined(__AVX512F__)
+    return "avx512";
+#elif defined(__AVX2__)
+    return "avx2";
+#elif defined(__x86_64__)
+    return "sse2";
+#elif defined(__aarch64__)
+    return "neon";
+#else
+    return "portable";
+#endif
+}
+
+/* ------------------------------------------------------------------------------------------------- forward */
+
+/* Pooled columns pw .. pw + cols - 1 of pooled row ph, output channels b * CO_BLOCK ..: four accumulators (the
+ * window positions) per column, sharing each weight vector across the columns. cols is a constant at each call
+ * site, so the accumulators live in registers. */
+static inline __attribute__((always_inline)) void forward_columns(
+    const int cols, const float *tile, const float *packed, const float *bias_f, void *out, const int64_t *os,
+    uint8_t *code, const int64_t *cs, int64_t n, int64_t ph, int64_t pw, int64_t b, int64_t c_in, int64_t c_out,
+    int64_t k, int64_t co_pad, int64_t rows, int64_t tw, int dtype) {
+    v16 acc[PW_BLOCK][4];
+    const v16 bv = *(const v16u *)(bias_f + b * CO_BLOCK);
+#pragma GCC unroll 8
+    for (int j = 0; j < cols; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = bv;
+    for (int64_t ci = 0; ci < c_in; ci++) {
+        for (int64_t ky = 0; ky < k; ky++) {
+            const float *r0 = tile + (ci * rows + ky) * tw + 2 * pw, *r1 = r0 + tw;
+            const float *wt = packed + (ci * k + ky) * k * co_pad + b * CO_BLOCK;
+            for (int64_t kx = 0; kx < k; kx++) {
+                const v16 wv = *(const v16u *)(wt + kx * co_pad);
+#pragma GCC unroll 8
+                for (int j = 0; j < cols; j++) {
+                    acc[j][0] += r0[2 * j + kx] * wv;
+                    acc[j][1] += r0[2 * j + kx + 1] * wv;
+                    acc[j][2] += r1[2 * j + kx] * wv;
+                    acc[j][3] += r1[2 * j + kx + 1] * wv;
+                }
+            }
+        }
+    }
+    const int64_t valid = c_out - b * CO_BLOCK < CO_BLOCK ? c_out - b * CO_BLOCK : CO_BLOCK;
+    const v16 zero = {0};
+#pragma GCC unroll 8
+    for (int j = 0; j < cols; j++) {
+        /* ReLU, then the first maximum in row-major order (NaN wins: `v > best || isnan(v)`), on values rounded
+         * to the output dtype; threshold_backward's rule for the pass bit. */
+        v16 best = relu16(rounded16(acc[j][0], dtype));
+        vi16 idx = {0};
+        for (int d = 1; d < 4; d++) {
+            const v16 cand = relu16(rounded16(acc[j][d], dtype));
+            const vi16 upd = (cand > best) | (cand != cand);
+            best = select16(upd, cand, best);
+            idx = (upd & d) | (idx & ~upd);
+        }
+        const vi16 codes = idx + (~(best <= zero) & 4);
+        uint32_t best_l[CO_BLOCK];
+        int32_t code_l[CO_BLOCK];
+        /* best is already rounded to the output dtype: bf16 is its top half, exactly. */
+        const vu16 bits = dtype == DTYPE_BF16 ? (vu16)best >> 16 : (vu16)best;
+        memcpy(best_l, &bits, sizeof best_l);
+        memcpy(code_l, &codes, sizeof code_l);
+        const int64_t o = n * os[0] + b * CO_BLOCK * os[1] + ph * os[2] + (pw + j) * os[3];
+        const int64_t q = n * cs[0] + b * CO_BLOCK * cs[1] + ph * cs[2] + (pw + j) * cs[3];
+        if (dtype == DTYPE_BF16)
+            for (int64_t c = 0; c < valid; c++) ((uint16_t *)out)[o + c * os[1]] = (uint16_t)best_l[c];
+        else
+            for (int64_t c = 0; c < valid; c++) ((uint32_t *)out)[o + c * os[1]] = best_l[c];
+        for (int64_t c = 0; c < valid; c++) code[q + c * cs[1]] = (uint8_t)code_l[c];
+    }
+}
+
+int fastcnn_cpu_forward(const void *x, const int64_t *xs, const void *weight, const int64_t *ws, const void *bias,
+                        void *out, const int64_t *os, uint8_t *code, const int64_t *cs, int64_t n_batch,
+                        int64_t c_in, int64_t h, int64_t w, int64_t c_out, int64_t k, int64_t pad, int dtype,
+                        int threads) {
+    const int64_t hp = (h + 2 * pad - k + 1) / 2, wp = (w + 2 * pad - k + 1) / 2;
+    if (n_batch <= 0 || hp <= 0 || wp <= 0) return 0;
+    const int64_t co_pad = round_up(c_out, CO_BLOCK), blocks = co_pad / CO_BLOCK;
+    const int64_t rows = k + 1, tw = w + 2 * pad, taps = c_in * k * k;
+    float *packed = alloc_floats(taps * co_pad), *bias_f = alloc_floats(co_pad);
+    if (!packed || !bias_f) {
+        free(packed);
+        free(bias_f);
+        return -1;
+    }
+    pack_weight_by_tap(weight, ws, dtype, c_out, c_in, k, co_pad, packed);
+    for (int64_t co = 0; co < co_pad; co++) bias_f[co] = (bias && co < c_out) ? load_as_f32(bias, co, dtype) : 0.0f;
+    int failed = 0;
+
+#pragma omp parallel num_threads(threads)
+    {
+        float *tile = alloc_floats(c_in * rows * tw);
+        if (!tile) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        /* One task per (image, pooled row): its k + 1 input rows are converted once and reused by every
+         * pooled column and output channel. */
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < n_batch * hp; task++) {
+            if (!tile) continue;
+            const int64_t n = task / hp, ph = task % hp;
+            load_rows(x, xs, dtype, n, c_in, h, w, pad, 2 * ph - pad, rows, tile);
+            int64_t pw = 0;
+            for (; pw + PW_BLOCK <= wp; pw += PW_BLOCK)
+                for (int64_t b = 0; b < blocks; b++)
+                    forward_columns(PW_BLOCK, tile, packed, bias_f, out, os, code, cs, n, ph, pw, b, c_in, c_out,
+                                    k, co_pad, rows, tw, dtype);
+            for (; pw < wp; pw++)
+                for (int64_t b = 0; b < blocks; b++)
+                    forward_columns(1, tile, packed, bias_f, out, os, code, cs, n, ph, pw, b, c_in, c_out, k,
+                                    co_pad, rows, tw, dtype);
+        }
+        free(tile);
+    }
+    free(packed);
+    free(bias_f);
+    return failed ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------------------------------ grad_weight */
+
+/* grad_w[co, ci, ky, kx] = sum over (n, ph, pw) of g_d[co] * x[n, ci, 2ph + dy + ky - pad, 2pw + dx + kx - pad]
+ * summed over the window positions d = (dy, dx), where g_d[co] is grad_pooled where the code says position d won
+ * and ReLU passes, else 0. Each thread sums its static share of (n, ph) rows into its own fp32 partials; the
+ * partials are added in thread order. */
+int fastcnn_cpu_backward_weight(const void *grad, const int64_t *gs, const uint8_t *code, const int64_t *cs,
+                                const void *x, const int64_t *xs, void *grad_weight, const int64_t *gws,
+                                void *grad_bias, int64_t n_batch, int64_t c_in, int64_t h, int64_t w,
+                                int64_t c_out, int64_t k, int64_t pad, int dtype, int threads) {
+    const int64_t hp = (h + 2 * pad - k + 1) / 2, wp = (w + 2 * pad - k + 1) / 2;
+    const int64_t co_pad = round_up(c_out, CO_BLOCK), blocks = co_pad / CO_BLOCK;
+    const int64_t rows = k + 1, tw = w + 2 * pad, taps = c_in * k * k;
+    const int64_t part = taps * co_pad + co_pad; /* weight partials, then bias partials */
+    if (threads < 1) threads = 1;
+    float *partials = alloc_floats(part * threads);
+    if (!partials) return -1;
+    memset(partials, 0, (size_t)(part * threads) * sizeof(float));
+    int failed = 0;
+
+    if (n_batch > 0 && hp > 0 && wp > 0) {
+#pragma omp parallel num_threads(threads)
+        {
+            const int tid = omp_get_thread_num();
+            float *gw = partials + (int64_t)tid * part, *gb = gw + taps * co_pad;
+            float *tile = alloc_floats(c_in * rows * tw);
+            if (!tile) {
+#pragma omp atomic write
+                failed = 1;
+            }
+#pragma omp for schedule(static)
+            for (int64_t task = 0; task < n_batch * hp; task++) {
+                if (!tile) continue;
+                const int64_t n = task / hp, ph = task % hp;
+                load_rows(x, xs, dtype, n, c_in, h, w, pad, 2 * ph - pad, rows, tile);
+                for (int64_t pw = 0; pw < wp; pw++) {
+                    for (int64_t b = 0; b < blocks; b++) {
+                        /* g_d: grad_pooled where position d won and ReLU passes, per output channel. */
+                        float g_l[CO_BLOCK] = {0};
+                        int32_t code_l[CO_BLOCK] = {0};
+                        const int64_t valid = c_out - b * CO_BLOCK < CO_BLOCK ? c_out - b * CO_BLOCK : CO_BLOCK;
+                        const int64_t q = n * cs[0] + b * CO_BLOCK * cs[1] + ph * cs[2] + pw * cs[3];
+                        const int64_t o = n * gs[0] + b * CO_BLOCK * gs[1] + ph * gs[2] + pw * gs[3];
+                        int any = 0;
+                        for (int64_t c = 0; c < valid; c++) {
+                            code_l[c] = code[q + c * cs[1]];
+                            any |= code_l[c] & 4;
+                        }
+                        if (!any) continue;
+                        for (int64_t c = 0; c < valid; c++) g_l[c] = load_as_f32(grad, o + c * gs[1], dtype);
+                        vi16 cd;
+                        v16 g;
+                        memcpy(&cd, code_l, sizeof cd);
+                        memcpy(&g, g_l, sizeof g);
+                        const v16 zero = {0};
+                        const vi16 pass = (cd & 4) != 0, win = cd & 3;
+                        const v16 g00 = select16(pass & (win == 0), g, zero), g01 = select16(pass & (win == 1), g, zero),
+                                  g10 = select16(pass & (win == 2), g, zero), g11 = select16(pass & (win == 3), g, zero);
+                        *(v16u *)(gb + b * CO_BLOCK) += (g00 + g01) + (g10 + g11);
+                        for (int64_t ci = 0; ci < c_in; ci++) {
+                            for (int64_t ky = 0; ky < k; ky++) {
+                                const float *r0 = tile + (ci * rows + ky) * tw + 2 * pw, *r1 = r0 + tw;
+                                float *acc = gw + (ci * k + ky) * k * co_pad + b * CO_BLOCK;
+                                for (int64_t kx = 0; kx < k; kx++) {
+                                    v16u *dst = (v16u *)(acc + kx * co_pad);
+                                    *dst += (r0[kx] * g00 + r0[kx + 1] * g01) + (r1[kx] * g10 + r1[kx + 1] * g11);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            free(tile);
+        }
+    }
+    /* Partials in thread order: the same sums in the same order on every run with this thread count. */
+    for (int t = 1; t < threads; t++) {
+        const float *src = partials + (int64_t)t * part;
+        for (int64_t i = 0; i < part; i++) partials[i] += src[i];
+    }
+    for (int64_t co = 0; co < c_out; co++) {
+        for (int64_t ci = 0; ci < c_in; ci++)
+            for (int64_t ky = 0; ky < k; ky++)
+                for (int64_t kx = 0; kx < k; kx++)
+                    store_from_f32(grad_weight, co * gws[0] + ci * gws[1] + ky * gws[2] + kx * gws[3],
+                                   partials[((ci * k + ky) * k + kx) * co_pad + co], dtype);
+        store_from_f32(grad_bias, co, partials[taps * co_pad + co], dtype);
+    }
+    free(partials);
+    return failed ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------------------------------- grad_input */
+
+/* grad_x[n, ci, ih, iw] = sum over (co, ky, kx) of gy[n, co, ih + pad - ky, iw + pad - kx] * w[co, ci, ky, kx],
+ * where gy, the full-size gradient of the convolution output, has one non-zero per passing pooled element (at
+ * the window position its code names). So each passing pooled element scatters g * w[co, :, :, :] onto its
+ * k x k input patch, vectorized over input channels, into a padded fp32 image that belongs to one thread. */
+int fastcnn_cpu_backward_input(const void *grad, const int64_t *gs, const uint8_t *code, const int64_t *cs,
+                               const void *weight, const int64_t *ws, void *grad_x, const int64_t *gxs,
+                               int64_t n_batch, int64_t c_in, int64_t h, int64_t w, int64_t c_out, int64_t k,
+                               int64_t pad, int dtype, int threads) {
+    const int64_t hp = (h + 2 * pad - k + 1) / 2, wp = (w + 2 * pad - k + 1) / 2;
+    const int64_t ci_pad = round_up(c_in, CI_BLOCK), blocks = ci_pad / CI_BLOCK;
+    const int64_t hh = h + 2 * pad, ww = w + 2 * pad;
+    if (n_batch <= 0) return 0;
+    /* packed[((co * k + ky) * k + kx) * ci_pad + ci]: one vector load reads CI_BLOCK input channels of a tap. */
+    float *packed = alloc_floats(c_out * k * k * ci_pad);
+    if (!packed) return -1;
+    memset(packed, 0, (size_t)(c_out * k * k * ci_pad) * sizeof(float));
+    for (int64_t co = 0; co < c_out; co++)
+        for (int64_t ci = 0; ci < c_in; ci++)
+            for (int64_t ky = 0; ky < k; ky++)
+                for (int64_t kx = 0; kx < k; kx++)
+                    packed[((co * k + ky) * k + kx) * ci_pad + ci] =
+                        load_as_f32(weight, co * ws[0] + ci * ws[1] + ky * ws[2] + kx * ws[3], dtype);
+    int failed = 0;
+
+#pragma omp parallel num_threads(threads)
+    {
+        float *img = alloc_floats(hh * ww * ci_pad);
+        if (!img) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < n_batch; n++) {
+            if (!img) continue;
+            memset(img, 0, (size_t)(hh * ww * ci_pad) * sizeof(float));
+            for (int64_t ph = 0; ph < hp; ph++) {
+                for (int64_t pw = 0; pw < wp; pw++) {
+                    for (int64_t co = 0; co < c_out; co++) {
+                        const uint8_t cd = code[n * cs[0] + co * cs[1] + ph * cs[2] + pw * cs[3]];
+                        if (!(cd & 4)) continue;
+                        const float g = load_as_f32(grad, n * gs[0] + co * gs[1] + ph * gs[2] + pw * gs[3], dtype);
+                        const int64_t oh = 2 * ph + ((cd >> 1) & 1), ow = 2 * pw + (cd & 1);
+                        for (int64_t ky = 0; ky < k; ky++) {
+                            float *dst = img + ((oh + ky) * ww + ow) * ci_pad;
+                            const float *wt = packed + (co * k + ky) * k * ci_pad;
+                            for (int64_t kx = 0; kx < k; kx++)
+                                for (int64_t b = 0; b < blocks; b++)
+                                    *(v8u *)(dst + kx * ci_pad + b * CI_BLOCK) +=
+                                        g * *(const v8u *)(wt + kx * ci_pad + b * CI_BLOCK);
+                        }
+                    }
+                }
+            }
+            for (int64_t ci = 0; ci < c_in; ci++)
+                for (int64_t ih = 0; ih < h; ih++)
+                    for (int64_t iw = 0; iw < w; iw++)
+                        store_from_f32(grad_x, n * gxs[0] + ci * gxs[1] + ih * gxs[2] + iw * gxs[3],
+                                       img[((ih + pad) * ww + iw + pad) * ci_pad + ci], dtype);
+        }
+        free(img);
+    }
+    free(packed);
+    return failed ? -1 : 0;
+}

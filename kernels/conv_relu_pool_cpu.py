@@ -1,0 +1,165 @@
+"""Launchers for the native CPU kernels of the fused Conv2d -> ReLU -> MaxPool2d(2, 2) (``conv_relu_pool_cpu.c``).
+
+The C library is built by ``pip install`` (setup.py), once per instruction set: ``libfastcnn_cpu_avx512.so``,
+``libfastcnn_cpu_avx2.so`` and ``libfastcnn_cpu_baseline.so`` on x86-64 (one ``libfastcnn_cpu_baseline.so``
+elsewhere). ``load()`` picks the best build this CPU runs, by torch's own reading of the CPU
+(``torch.backends.cpu.get_cpu_capability()``, which also honours ``ATEN_CPU_CAPABILITY``). It is loaded with
+ctypes: no tie to a torch or Python ABI, nothing compiled at first use. Where no build loads (no compiler at
+install time, another platform, ``FASTCNN_NATIVE_CPU=0``), ``LIBRARY`` is None, ``STATUS`` says why, and the op
+takes its plain-PyTorch branch.
+
+The launchers have the Triton launchers' signatures and contract (``kernels/conv_relu_pool.py``): float32 or
+bfloat16 inputs (fp32 accumulation), any strides, outputs in x's layout (channels-last when x is densely
+channels-last, NCHW otherwise). Inputs are assumed valid (``fastcnn.ops`` checks them). The kernels run on
+``torch.get_num_threads()`` threads of the OpenMP runtime torch already loaded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pathlib
+import platform
+
+import torch
+
+ABI = 1  # FASTCNN_CPU_ABI in the C source: a stale build from an older source is not loaded
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+_HERE = pathlib.Path(__file__).resolve().parent
+
+_i64p = ctypes.POINTER(ctypes.c_int64)
+_ptr = ctypes.c_void_p
+_i64 = ctypes.c_int64
+_SIGNATURES = {
+    # x, xs, weight, ws, bias, out, os, code, cs, N, Cin, H, W, Cout, k, pad, dtype, threads
+    "fastcnn_cpu_forward": [_ptr, _i64p, _ptr, _i64p, _ptr, _ptr, _i64p, _ptr, _i64p] + [_i64] * 7
+    + [ctypes.c_int] * 2,
+    # grad, gs, code, cs, x, xs, grad_weight, gws, grad_bias, N, Cin, H, W, Cout, k, pad, dtype, threads
+    "fastcnn_cpu_backward_weight": [_ptr, _i64p, _ptr, _i64p, _ptr, _i64p, _ptr, _i64p, _ptr] + [_i64] * 7
+    + [ctypes.c_int] * 2,
+    # grad, gs, code, cs, weight, ws, grad_x, gxs, N, Cin, H, W, Cout, k, pad, dtype, threads
+    "fastcnn_cpu_backward_input": [_ptr, _i64p, _ptr, _i64p, _ptr, _i64p, _ptr, _i64p] + [_i64] * 7
+    + [ctypes.c_int] * 2,
+}
+
+
+def build_names() -> list[str]:
+    """The builds this CPU can run, best first."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ["baseline"]
+    capability = torch.backends.cpu.get_cpu_capability().upper()
+    if capability.startswith("AVX512"):
+        return ["avx512", "avx2", "baseline"]
+    if capability == "AVX2":
+        return ["avx2", "baseline"]
+    return ["baseline"]
+
+
+def library_path(name: str, directory: pathlib.Path = _HERE) -> pathlib.Path:
+    return directory / f"libfastcnn_cpu_{name}.so"
+
+
+def load_library(path: pathlib.Path) -> tuple[ctypes.CDLL | None, str]:
+    """(library, status) for one build: None and the reason when it is missing, does not load, or is stale."""
+    if not path.exists():
+        return None, f"{path.name} not built"
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as err:
+        return None, f"{path.name}: {err}"
+    lib.fastcnn_cpu_abi.restype = ctypes.c_int
+    if lib.fastcnn_cpu_abi() != ABI:
+        return None, f"{path.name} is a stale build (reinstall fastcnn: pip install -e .)"
+    lib.fastcnn_cpu_isa.restype = ctypes.c_char_p
+    for fn, argtypes in _SIGNATURES.items():
+        getattr(lib, fn).argtypes = argtypes
+        getattr(lib, fn).restype = ctypes.c_int
+    return lib, f"native CPU kernel ({lib.fastcnn_cpu_isa().decode()} build)"
+
+
+def load(directory: pathlib.Path = _HERE) -> tuple[ctypes.CDLL | None, str]:
+    """(library, status): the best build in ``directory`` that loads, or None and the reason none did."""
+    if os.environ.get("FASTCNN_NATIVE_CPU", "1") == "0":
+        return None, "the native CPU kernel is switched off (FASTCNN_NATIVE_CPU=0)"
+    reasons = []
+    for name in build_names():
+        lib, status = load_library(library_path(name, directory))
+        if lib is not None:
+            return lib, status
+        reasons.append(status)
+    return None, "the native CPU kernel is not available (" + "; ".join(reasons) + ")"
+
+
+LIBRARY, STATUS = load()
+
+
+def _strides(t: torch.Tensor):
+    return (ctypes.c_int64 * 4)(*t.stride())
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        raise MemoryError(f"fastcnn native CPU kernel ({what}): out of memory for its work buffers")
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    c, w = x.shape[1], x.shape[3]
+    return x.stride(1) == 1 and x.stride(3) == c and x.stride(2) == c * w
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
+
+
+def pooled_size(h: int, w: int, ksize: int, padding: int) -> tuple[int, int]:
+    return (h + 2 * padding - ksize + 1) // 2, (w + 2 * padding - ksize + 1) // 2
+
+
+def conv_relu_pool_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                           padding: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled output (N, Cout, HP, WP) in x's dtype and layout, and its uint8 code."""
+    n, c_in, h, w = x.shape
+    c_out, _, ksize, _ = weight.shape
+    hp, wp = pooled_size(h, w, ksize, padding)
+    fmt = memory_format_of(x)
+    out = torch.empty((n, c_out, hp, wp), dtype=x.dtype, memory_format=fmt)
+    code = torch.empty((n, c_out, hp, wp), dtype=torch.uint8, memory_format=fmt)
+    bias = bias.contiguous() if bias is not None else None
+    rc = LIBRARY.fastcnn_cpu_forward(
+        x.data_ptr(), _strides(x), weight.data_ptr(), _strides(weight), bias.data_ptr() if bias is not None else None,
+        out.data_ptr(), _strides(out), code.data_ptr(), _strides(code),
+        n, c_in, h, w, c_out, ksize, padding, _DTYPE_CODES[x.dtype], torch.get_num_threads())
+    _check(rc, "forward")
+    return out, code
+
+
+def conv_relu_pool_backward_weight(grad_out: torch.Tensor, code: torch.Tensor, x: torch.Tensor,
+                                   weight: torch.Tensor, padding: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_weight like ``weight``, grad_bias (Cout,) in weight's dtype), accumulated in fp32."""
+    n, c_in, h, w = x.shape
+    c_out, _, ksize, _ = weight.shape
+    grad_out = grad_out.to(x.dtype)
+    grad_weight = torch.empty_like(weight)
+    grad_bias = torch.empty((c_out,), dtype=weight.dtype)
+    rc = LIBRARY.fastcnn_cpu_backward_weight(
+        grad_out.data_ptr(), _strides(grad_out), code.data_ptr(), _strides(code), x.data_ptr(), _strides(x),
+        grad_weight.data_ptr(), _strides(grad_weight), grad_bias.data_ptr(),
+        n, c_in, h, w, c_out, ksize, padding, _DTYPE_CODES[x.dtype], torch.get_num_threads())
+    _check(rc, "grad_weight")
+    return grad_weight, grad_bias
+
+
+def conv_relu_pool_backward_input(grad_out: torch.Tensor, code: torch.Tensor, x: torch.Tensor,
+                                  weight: torch.Tensor, padding: int) -> torch.Tensor:
+    """grad_input with x's shape, dtype and layout (``x`` is read for its metadata only)."""
+    n, c_in, h, w = x.shape
+    c_out, _, ksize, _ = weight.shape
+    grad_out = grad_out.to(x.dtype)
+    grad_x = torch.empty((n, c_in, h, w), dtype=x.dtype, memory_format=memory_format_of(x))
+    rc = LIBRARY.fastcnn_cpu_backward_input(
+        grad_out.data_ptr(), _strides(grad_out), code.data_ptr(), _strides(code), weight.data_ptr(),
+        _strides(weight), grad_x.data_ptr(), _strides(grad_x),
+        n, c_in, h, w, c_out, ksize, padding, _DTYPE_CODES[x.dtype], torch.get_num_threads())
+    _check(rc, "grad_input")
+    return grad_x
