@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 .PHONY: install train test bench lint clean
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py kernels/conv_relu_pool_cpu.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)

@@ -41,6 +41,7 @@ typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
 typedef uint32_t vu16 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
 typedef float v8u __attribute__((vector_size(32), aligned(4)));
 
 #define CO_BLOCK 16 /* output channels per vector (forward, grad_weight) */
@@ -251,15 +252,16 @@ int fastcnn_cpu_forward(const void *x, const int64_t *xs, const void *weight, co
             if (!tile) continue;
             const int64_t n = task / hp, ph = task % hp;
             load_rows(x, xs, dtype, n, c_in, h, w, pad, 2 * ph - pad, rows, tile);
-            int64_t pw = 0;
-            for (; pw + PW_BLOCK <= wp; pw += PW_BLOCK)
-                for (int64_t b = 0; b < blocks; b++)
+            /* Channel blocks outermost: one block's weights (taps x 64 bytes) stay in L1 across the row. */
+            for (int64_t b = 0; b < blocks; b++) {
+                int64_t pw = 0;
+                for (; pw + PW_BLOCK <= wp; pw += PW_BLOCK)
                     forward_columns(PW_BLOCK, tile, packed, bias_f, out, os, code, cs, n, ph, pw, b, c_in, c_out,
                                     k, co_pad, rows, tw, dtype);
-            for (; pw < wp; pw++)
-                for (int64_t b = 0; b < blocks; b++)
+                for (; pw < wp; pw++)
                     forward_columns(1, tile, packed, bias_f, out, os, code, cs, n, ph, pw, b, c_in, c_out, k,
                                     co_pad, rows, tw, dtype);
+            }
         }
         free(tile);
     }
@@ -303,8 +305,9 @@ int fastcnn_cpu_backward_weight(const void *grad, const int64_t *gs, const uint8
                 if (!tile) continue;
                 const int64_t n = task / hp, ph = task % hp;
                 load_rows(x, xs, dtype, n, c_in, h, w, pad, 2 * ph - pad, rows, tile);
-                for (int64_t pw = 0; pw < wp; pw++) {
-                    for (int64_t b = 0; b < blocks; b++) {
+                /* Channel blocks outermost: one block's partial sums (taps x 64 bytes) stay in L1. */
+                for (int64_t b = 0; b < blocks; b++) {
+                    for (int64_t pw = 0; pw < wp; pw++) {
                         /* g_d: grad_pooled where position d won and ReLU passes, per output channel. */
                         float g_l[CO_BLOCK] = {0};
                         int32_t code_l[CO_BLOCK] = {0};
@@ -364,53 +367,102 @@ int fastcnn_cpu_backward_weight(const void *grad, const int64_t *gs, const uint8
 
 /* grad_x[n, ci, ih, iw] = sum over (co, ky, kx) of gy[n, co, ih + pad - ky, iw + pad - kx] * w[co, ci, ky, kx],
  * where gy, the full-size gradient of the convolution output, has one non-zero per passing pooled element (at
- * the window position its code names). So each passing pooled element scatters g * w[co, :, :, :] onto its
- * k x k input patch, vectorized over input channels, into a padded fp32 image that belongs to one thread. */
+ * the window position its code names). So each passing pooled element adds g * w[co] onto its k x k input patch.
+ * Per pooled position, the passing output channels are grouped by their winning window position; each group's
+ * patch is summed in registers (PIECE floats at a time, over the group's channels) and added to the image once,
+ * instead of a read-modify-write of the image per channel. The image is a padded fp32 copy that belongs to one
+ * thread (one image at a time); the order of the sums does not depend on the threads. */
+#define PIECE 32 /* floats of a patch row summed in registers at a time: 4 vectors of 8 */
+
 int fastcnn_cpu_backward_input(const void *grad, const int64_t *gs, const uint8_t *code, const int64_t *cs,
                                const void *weight, const int64_t *ws, void *grad_x, const int64_t *gxs,
                                int64_t n_batch, int64_t c_in, int64_t h, int64_t w, int64_t c_out, int64_t k,
                                int64_t pad, int dtype, int threads) {
     const int64_t hp = (h + 2 * pad - k + 1) / 2, wp = (w + 2 * pad - k + 1) / 2;
-    const int64_t ci_pad = round_up(c_in, CI_BLOCK), blocks = ci_pad / CI_BLOCK;
-    const int64_t hh = h + 2 * pad, ww = w + 2 * pad;
+    const int64_t ci_pad = round_up(c_in, CI_BLOCK);
+    /* A patch row (k pixels x ci_pad channels) padded to whole PIECEs with zero weights: the padding adds zeros
+     * to the pixels right of the patch, which the image's extra columns (slack) keep inside its row. */
+    const int64_t row = k * ci_pad, row_pad = round_up(row, PIECE);
+    const int64_t slack = (row_pad - row + ci_pad - 1) / ci_pad;
+    const int64_t hh = h + 2 * pad, ww = w + 2 * pad + slack;
     if (n_batch <= 0) return 0;
-    /* packed[((co * k + ky) * k + kx) * ci_pad + ci]: one vector load reads CI_BLOCK input channels of a tap. */
-    float *packed = alloc_floats(c_out * k * k * ci_pad);
+    /* packed[(co * k + ky) * row_pad + kx * ci_pad + ci] */
+    float *packed = alloc_floats(c_out * k * row_pad);
     if (!packed) return -1;
-    memset(packed, 0, (size_t)(c_out * k * k * ci_pad) * sizeof(float));
+    memset(packed, 0, (size_t)(c_out * k * row_pad) * sizeof(float));
     for (int64_t co = 0; co < c_out; co++)
         for (int64_t ci = 0; ci < c_in; ci++)
             for (int64_t ky = 0; ky < k; ky++)
                 for (int64_t kx = 0; kx < k; kx++)
-                    packed[((co * k + ky) * k + kx) * ci_pad + ci] =
+                    packed[(co * k + ky) * row_pad + kx * ci_pad + ci] =
                         load_as_f32(weight, co * ws[0] + ci * ws[1] + ky * ws[2] + kx * ws[3], dtype);
     int failed = 0;
 
 #pragma omp parallel num_threads(threads)
     {
-        float *img = alloc_floats(hh * ww * ci_pad);
-        if (!img) {
+        float *img = alloc_floats(hh * ww * ci_pad), *group_g = alloc_floats(4 * c_out);
+        int32_t *group_co = malloc((size_t)(4 * c_out) * sizeof(int32_t));
+        if (!img || !group_g || !group_co) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < n_batch; n++) {
-            if (!img) continue;
+            if (!img || !group_g || !group_co) continue;
             memset(img, 0, (size_t)(hh * ww * ci_pad) * sizeof(float));
             for (int64_t ph = 0; ph < hp; ph++) {
                 for (int64_t pw = 0; pw < wp; pw++) {
+                    int64_t count[4] = {0, 0, 0, 0};
+                    const int64_t q = n * cs[0] + ph * cs[2] + pw * cs[3];
+                    const int64_t o = n * gs[0] + ph * gs[2] + pw * gs[3];
                     for (int64_t co = 0; co < c_out; co++) {
-                        const uint8_t cd = code[n * cs[0] + co * cs[1] + ph * cs[2] + pw * cs[3]];
-                        if (!(cd & 4)) continue;
-                        const float g = load_as_f32(grad, n * gs[0] + co * gs[1] + ph * gs[2] + pw * gs[3], dtype);
-                        const int64_t oh = 2 * ph + ((cd >> 1) & 1), ow = 2 * pw + (cd & 1);
+                        /* Branch-free: every channel is written to its group's next slot, which only a passing
+                         * one keeps (half of them pass, at random: a branch would mispredict often). */
+                        const uint8_t cd = code[q + co * cs[1]];
+                        const int d = cd & 3;
+                        group_co[d * c_out + count[d]] = (int32_t)co;
+                        group_g[d * c_out + count[d]] = load_as_f32(grad, o + co * gs[1], dtype);
+                        count[d] += (cd >> 2) & 1;
+                    }
+                    for (int d = 0; d < 4; d++) {
+                        const int64_t m = count[d];
+                        if (m == 0) continue;
+                        const int32_t *cos = group_co + d * c_out;
+                        const float *gv = group_g + d * c_out;
+                        const int64_t oh = 2 * ph + (d >> 1), ow = 2 * pw + (d & 1);
                         for (int64_t ky = 0; ky < k; ky++) {
                             float *dst = img + ((oh + ky) * ww + ow) * ci_pad;
-                            const float *wt = packed + (co * k + ky) * k * ci_pad;
-                            for (int64_t kx = 0; kx < k; kx++)
-                                for (int64_t b = 0; b < blocks; b++)
-                                    *(v8u *)(dst + kx * ci_pad + b * CI_BLOCK) +=
-                                        g * *(const v8u *)(wt + kx * ci_pad + b * CI_BLOCK);
+                            for (int64_t p0 = 0; p0 < row_pad; p0 += PIECE) {
+                                /* Two sets of accumulators (even and odd channels of the group): twice the
+                                 * independent FMA chains, summed at the end in a fixed order. */
+                                v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+                                int64_t i = 0;
+                                for (; i + 1 < m; i += 2) {
+                                    const float *wa = packed + (cos[i] * k + ky) * row_pad + p0;
+                                    const float *wb = packed + (cos[i + 1] * k + ky) * row_pad + p0;
+                                    const float ga = gv[i], gb = gv[i + 1];
+                                    a0 += ga * *(const v8u *)wa;
+                                    a1 += ga * *(const v8u *)(wa + 8);
+                                    a2 += ga * *(const v8u *)(wa + 16);
+                                    a3 += ga * *(const v8u *)(wa + 24);
+                                    b0 += gb * *(const v8u *)wb;
+                                    b1 += gb * *(const v8u *)(wb + 8);
+                                    b2 += gb * *(const v8u *)(wb + 16);
+                                    b3 += gb * *(const v8u *)(wb + 24);
+                                }
+                                if (i < m) {
+                                    const float *wa = packed + (cos[i] * k + ky) * row_pad + p0;
+                                    const float ga = gv[i];
+                                    a0 += ga * *(const v8u *)wa;
+                                    a1 += ga * *(const v8u *)(wa + 8);
+                                    a2 += ga * *(const v8u *)(wa + 16);
+                                    a3 += ga * *(const v8u *)(wa + 24);
+                                }
+                                *(v8u *)(dst + p0) += a0 + b0;
+                                *(v8u *)(dst + p0 + 8) += a1 + b1;
+                                *(v8u *)(dst + p0 + 16) += a2 + b2;
+                                *(v8u *)(dst + p0 + 24) += a3 + b3;
+                            }
                         }
                     }
                 }
@@ -422,6 +474,8 @@ int fastcnn_cpu_backward_input(const void *grad, const int64_t *gs, const uint8_
                                        img[((ih + pad) * ww + iw + pad) * ci_pad + ci], dtype);
         }
         free(img);
+        free(group_g);
+        free(group_co);
     }
     free(packed);
     return failed ? -1 : 0;
