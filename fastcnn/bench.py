@@ -31,6 +31,7 @@ import dataclasses
 import datetime
 import gc
 import itertools
+import os
 import pathlib
 import statistics
 import sys
@@ -321,7 +322,9 @@ def run_bench(base: TrainConfig, configs: list[BenchConfig], *, steps: int = 50,
         steps=None if epoch else steps, warmup=None if epoch else warmup, repeats=repeats,
         rounds_completed=rounds_completed if epoch else None,
         baseline=baseline, device=str(device), device_name=env.device_name(device), versions=env.versions(),
-        git_commit=env.git_commit(), command=" ".join(["fastcnn"] + sys.argv[1:]),
+        # A copy of the tree without .git (the GPU machine's) is told its commit in FASTCNN_GIT_COMMIT.
+        git_commit=env.git_commit() or os.environ.get("FASTCNN_GIT_COMMIT") or None,
+        command=" ".join(["fastcnn"] + sys.argv[1:]),
         date=datetime.datetime.now().isoformat(timespec="seconds"), interrupted=interrupted, results=rows)
 
 
