@@ -41,6 +41,8 @@ typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
 typedef uint32_t vu16 __attribute__((vector_size(64)));
+typedef uint16_t vh16u __attribute__((vector_size(32), aligned(2)));
+typedef uint8_t vb16u __attribute__((vector_size(16), aligned(1)));
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v8u __attribute__((vector_size(32), aligned(4)));
 
@@ -208,10 +210,18 @@ static inline __attribute__((always_inline)) void forward_columns(
         int32_t code_l[CO_BLOCK];
         /* best is already rounded to the output dtype: bf16 is its top half, exactly. */
         const vu16 bits = dtype == DTYPE_BF16 ? (vu16)best >> 16 : (vu16)best;
-        memcpy(best_l, &bits, sizeof best_l);
-        memcpy(code_l, &codes, sizeof code_l);
         const int64_t o = n * os[0] + b * CO_BLOCK * os[1] + ph * os[2] + (pw + j) * os[3];
         const int64_t q = n * cs[0] + b * CO_BLOCK * cs[1] + ph * cs[2] + (pw + j) * cs[3];
+        if (valid == CO_BLOCK && os[1] == 1 && cs[1] == 1) { /* channels-last: whole-vector stores */
+            if (dtype == DTYPE_BF16)
+                *(vh16u *)((uint16_t *)out + o) = __builtin_convertvector(bits, vh16u);
+            else
+                *(v16u *)((float *)out + o) = best;
+            *(vb16u *)(code + q) = __builtin_convertvector(codes, vb16u);
+            continue;
+        }
+        memcpy(best_l, &bits, sizeof best_l);
+        memcpy(code_l, &codes, sizeof code_l);
         if (dtype == DTYPE_BF16)
             for (int64_t c = 0; c < valid; c++) ((uint16_t *)out)[o + c * os[1]] = (uint16_t)best_l[c];
         else
@@ -314,17 +324,25 @@ int fastcnn_cpu_backward_weight(const void *grad, const int64_t *gs, const uint8
                         const int64_t valid = c_out - b * CO_BLOCK < CO_BLOCK ? c_out - b * CO_BLOCK : CO_BLOCK;
                         const int64_t q = n * cs[0] + b * CO_BLOCK * cs[1] + ph * cs[2] + pw * cs[3];
                         const int64_t o = n * gs[0] + b * CO_BLOCK * gs[1] + ph * gs[2] + pw * gs[3];
-                        int any = 0;
-                        for (int64_t c = 0; c < valid; c++) {
-                            code_l[c] = code[q + c * cs[1]];
-                            any |= code_l[c] & 4;
-                        }
-                        if (!any) continue;
-                        for (int64_t c = 0; c < valid; c++) g_l[c] = load_as_f32(grad, o + c * gs[1], dtype);
                         vi16 cd;
                         v16 g;
-                        memcpy(&cd, code_l, sizeof cd);
-                        memcpy(&g, g_l, sizeof g);
+                        if (valid == CO_BLOCK && cs[1] == 1 && gs[1] == 1) { /* channels-last: vector loads */
+                            cd = __builtin_convertvector(*(const vb16u *)(code + q), vi16);
+                            if (dtype == DTYPE_BF16)
+                                g = (v16)(__builtin_convertvector(*(const vh16u *)((const uint16_t *)grad + o), vu16)
+                                          << 16);
+                            else
+                                g = *(const v16u *)((const float *)grad + o);
+                        } else {
+                            for (int64_t c = 0; c < valid; c++) code_l[c] = code[q + c * cs[1]];
+                            for (int64_t c = 0; c < valid; c++) g_l[c] = load_as_f32(grad, o + c * gs[1], dtype);
+                            memcpy(&cd, code_l, sizeof cd);
+                            memcpy(&g, g_l, sizeof g);
+                        }
+                        uint64_t pass_bits[2];
+                        const vb16u pass_bytes = __builtin_convertvector(cd & 4, vb16u);
+                        memcpy(pass_bits, &pass_bytes, sizeof pass_bits);
+                        if (!(pass_bits[0] | pass_bits[1])) continue; /* no channel passes a gradient here */
                         const v16 zero = {0};
                         const vi16 pass = (cd & 4) != 0, win = cd & 3;
                         const v16 g00 = select16(pass & (win == 0), g, zero), g01 = select16(pass & (win == 1), g, zero),
