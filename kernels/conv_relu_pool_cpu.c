@@ -49,8 +49,10 @@ typedef float v8u __attribute__((vector_size(32), aligned(4)));
 #define CO_BLOCK 16 /* output channels per vector (forward, grad_weight) */
 #define CI_BLOCK 8  /* input channels per vector (grad_input) */
 #if defined(__AVX512F__)
+#define TAP_BLOCK 12 /* weight taps summed in registers at a time (grad_weight) */
 #define PW_BLOCK 4 /* pooled columns per register block: 16 accumulators of 32 zmm registers */
 #else
+#define TAP_BLOCK 6
 #define PW_BLOCK 2 /* 8 accumulators: with 256-bit (or narrower) registers, 16 or more of 16 */
 #endif
 
@@ -286,6 +288,32 @@ int fastcnn_cpu_forward(const void *x, const int64_t *xs, const void *weight, co
  * summed over the window positions d = (dy, dx), where g_d[co] is grad_pooled where the code says position d won
  * and ReLU passes, else 0. Each thread sums its static share of (n, ph) rows into its own fp32 partials; the
  * partials are added in thread order. */
+/* grad_w for `used` taps (of a block of `taps`, a constant at each call site, so the accumulators live in
+ * registers) of one channel block: the sum over the row's live columns of the four window positions' inputs times
+ * their g_d, added to the partial sums once. Taps past `used` compute on tap 0's input and are dropped. */
+static inline __attribute__((always_inline)) void weight_grad_taps(
+    const int taps, const int64_t used, const float *tile, const int64_t *tap_offset, const v16 *gbuf,
+    const int64_t *columns, int64_t live, int64_t tw, float *acc_out, int64_t co_pad) {
+    v16 acc[TAP_BLOCK];
+    int64_t off[TAP_BLOCK];
+#pragma GCC unroll 16
+    for (int t = 0; t < taps; t++) {
+        acc[t] = (v16){0};
+        off[t] = t < used ? tap_offset[t] : 0;
+    }
+    for (int64_t i = 0; i < live; i++) {
+        const v16 *gd = gbuf + 4 * i;
+        const v16 g00 = gd[0], g01 = gd[1], g10 = gd[2], g11 = gd[3];
+        const float *base = tile + columns[i];
+#pragma GCC unroll 16
+        for (int t = 0; t < taps; t++) {
+            const float *r0 = base + off[t], *r1 = r0 + tw;
+            acc[t] += (r0[0] * g00 + r0[1] * g01) + (r1[0] * g10 + r1[1] * g11);
+        }
+    }
+    for (int t = 0; t < taps && t < used; t++) *(v16u *)(acc_out + t * co_pad) += acc[t];
+}
+
 int fastcnn_cpu_backward_weight(const void *grad, const int64_t *gs, const uint8_t *code, const int64_t *cs,
                                 const void *x, const int64_t *xs, void *grad_weight, const int64_t *gws,
                                 void *grad_bias, int64_t n_batch, int64_t c_in, int64_t h, int64_t w,
@@ -296,8 +324,16 @@ int fastcnn_cpu_backward_weight(const void *grad, const int64_t *gs, const uint8
     const int64_t part = taps * co_pad + co_pad; /* weight partials, then bias partials */
     if (threads < 1) threads = 1;
     float *partials = alloc_floats(part * threads);
-    if (!partials) return -1;
+    int64_t *tap_offset = malloc((size_t)(taps > 0 ? taps : 1) * sizeof(int64_t));
+    if (!partials || !tap_offset) {
+        free(partials);
+        free(tap_offset);
+        return -1;
+    }
     memset(partials, 0, (size_t)(part * threads) * sizeof(float));
+    for (int64_t ci = 0; ci < c_in; ci++) /* where tap (ci, ky, kx) of window position 0 sits in the tile */
+        for (int64_t ky = 0; ky < k; ky++)
+            for (int64_t kx = 0; kx < k; kx++) tap_offset[(ci * k + ky) * k + kx] = (ci * rows + ky) * tw + kx;
     int failed = 0;
 
     if (n_batch > 0 && hp > 0 && wp > 0) {
@@ -306,22 +342,23 @@ int fastcnn_cpu_backward_weight(const void *grad, const int64_t *gs, const uint8
             const int tid = omp_get_thread_num();
             float *gw = partials + (int64_t)tid * part, *gb = gw + taps * co_pad;
             float *tile = alloc_floats(c_in * rows * tw);
-            if (!tile) {
+            v16 *gbuf = alloc_floats(4 * CO_BLOCK * wp);
+            int64_t *columns = malloc((size_t)wp * sizeof(int64_t));
+            if (!tile || !gbuf || !columns) {
 #pragma omp atomic write
                 failed = 1;
             }
 #pragma omp for schedule(static)
             for (int64_t task = 0; task < n_batch * hp; task++) {
-                if (!tile) continue;
+                if (!tile || !gbuf || !columns) continue;
                 const int64_t n = task / hp, ph = task % hp;
                 load_rows(x, xs, dtype, n, c_in, h, w, pad, 2 * ph - pad, rows, tile);
-                /* Channel blocks outermost: one block's partial sums (taps x 64 bytes) stay in L1. */
                 for (int64_t b = 0; b < blocks; b++) {
+                    /* g_d for every pooled column of the row: grad_pooled where position d won and ReLU passes,
+                     * per output channel; columns where no channel passes are left out. */
+                    int64_t live = 0;
+                    const int64_t valid = c_out - b * CO_BLOCK < CO_BLOCK ? c_out - b * CO_BLOCK : CO_BLOCK;
                     for (int64_t pw = 0; pw < wp; pw++) {
-                        /* g_d: grad_pooled where position d won and ReLU passes, per output channel. */
-                        float g_l[CO_BLOCK] = {0};
-                        int32_t code_l[CO_BLOCK] = {0};
-                        const int64_t valid = c_out - b * CO_BLOCK < CO_BLOCK ? c_out - b * CO_BLOCK : CO_BLOCK;
                         const int64_t q = n * cs[0] + b * CO_BLOCK * cs[1] + ph * cs[2] + pw * cs[3];
                         const int64_t o = n * gs[0] + b * CO_BLOCK * gs[1] + ph * gs[2] + pw * gs[3];
                         vi16 cd;
@@ -334,6 +371,8 @@ int fastcnn_cpu_backward_weight(const void *grad, const int64_t *gs, const uint8
                             else
                                 g = *(const v16u *)((const float *)grad + o);
                         } else {
+                            float g_l[CO_BLOCK] = {0};
+                            int32_t code_l[CO_BLOCK] = {0};
                             for (int64_t c = 0; c < valid; c++) code_l[c] = code[q + c * cs[1]];
                             for (int64_t c = 0; c < valid; c++) g_l[c] = load_as_f32(grad, o + c * gs[1], dtype);
                             memcpy(&cd, code_l, sizeof cd);
@@ -345,22 +384,28 @@ int fastcnn_cpu_backward_weight(const void *grad, const int64_t *gs, const uint8
                         if (!(pass_bits[0] | pass_bits[1])) continue; /* no channel passes a gradient here */
                         const v16 zero = {0};
                         const vi16 pass = (cd & 4) != 0, win = cd & 3;
-                        const v16 g00 = select16(pass & (win == 0), g, zero), g01 = select16(pass & (win == 1), g, zero),
-                                  g10 = select16(pass & (win == 2), g, zero), g11 = select16(pass & (win == 3), g, zero);
-                        *(v16u *)(gb + b * CO_BLOCK) += (g00 + g01) + (g10 + g11);
-                        for (int64_t ci = 0; ci < c_in; ci++) {
-                            for (int64_t ky = 0; ky < k; ky++) {
-                                const float *r0 = tile + (ci * rows + ky) * tw + 2 * pw, *r1 = r0 + tw;
-                                float *acc = gw + (ci * k + ky) * k * co_pad + b * CO_BLOCK;
-                                for (int64_t kx = 0; kx < k; kx++) {
-                                    v16u *dst = (v16u *)(acc + kx * co_pad);
-                                    *dst += (r0[kx] * g00 + r0[kx + 1] * g01) + (r1[kx] * g10 + r1[kx + 1] * g11);
-                                }
-                            }
-                        }
+                        v16 *gd = gbuf + 4 * live;
+                        gd[0] = select16(pass & (win == 0), g, zero);
+                        gd[1] = select16(pass & (win == 1), g, zero);
+                        gd[2] = select16(pass & (win == 2), g, zero);
+                        gd[3] = select16(pass & (win == 3), g, zero);
+                        columns[live++] = 2 * pw;
+                        *(v16u *)(gb + b * CO_BLOCK) += (gd[0] + gd[1]) + (gd[2] + gd[3]);
                     }
+                    if (live == 0) continue;
+                    /* TAP_BLOCK taps at a time, summed over the row's columns in registers, then added once. */
+                    float *acc_b = gw + b * CO_BLOCK;
+                    int64_t t0 = 0;
+                    for (; t0 + TAP_BLOCK <= taps; t0 += TAP_BLOCK)
+                        weight_grad_taps(TAP_BLOCK, TAP_BLOCK, tile, tap_offset + t0, gbuf, columns, live, tw,
+                                         acc_b + t0 * co_pad, co_pad);
+                    if (t0 < taps)
+                        weight_grad_taps(TAP_BLOCK, taps - t0, tile, tap_offset + t0, gbuf, columns, live, tw,
+                                         acc_b + t0 * co_pad, co_pad);
                 }
             }
+            free(gbuf);
+            free(columns);
             free(tile);
         }
     }
@@ -378,6 +423,7 @@ int fastcnn_cpu_backward_weight(const void *grad, const int64_t *gs, const uint8
         store_from_f32(grad_bias, co, partials[taps * co_pad + co], dtype);
     }
     free(partials);
+    free(tap_offset);
     return failed ? -1 : 0;
 }
 
