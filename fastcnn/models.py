@@ -1,6 +1,9 @@
 """Model registry. Each fastcnn model is built from ``ConvReLUPool2d`` blocks and keeps the parameter names of
 its reference twin, so state_dicts load both ways. Each entry also carries the recipe of the tutorial program
 it comes from (dataset, batch size, optimizer, learning rate, normalization), used as the CLI's defaults.
+
+Every model (fastcnn's and its twin) takes any input channels, image size and class count; the flatten size
+follows from the input size (``fastcnn.shapes``). At 1x28x28 with 10 classes each is exactly the tutorial's.
 """
 
 from __future__ import annotations
@@ -15,18 +18,26 @@ from torch import nn
 from fastcnn import reference
 from fastcnn.errors import UsageError
 from fastcnn.nn import ConvReLUPool2d
+from fastcnn.reference import LENET_BLOCKS, SIMPLECNN_BLOCKS
+from fastcnn.shapes import feature_size, smallest_side
+
+FASTNET_BLOCKS = ((5, 0), (3, 0))
+CIFARNET_BLOCKS = ((3, 1), (3, 1), (3, 1))
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 
 
 class SimpleCNN(nn.Module):
-    """fastcnn's SimpleCNN: conv 1->32 k3 + ReLU + maxpool 2 fused, linear 5408->10."""
+    """fastcnn's SimpleCNN: conv C->32 k3 + ReLU + maxpool 2 fused, linear 32*((H-2)//2)*((W-2)//2)->classes
+    (5408->10 at 1x28x28). Takes images of 4x4 and larger."""
 
-    def __init__(self, kernel: str = "auto", num_classes: int = 10, in_channels: int = 1):
+    def __init__(self, kernel: str = "auto", num_classes: int = 10, in_channels: int = 1,
+                 image_size: int | tuple[int, int] = 28):
         super().__init__()
+        height, width = feature_size("SimpleCNN", image_size, SIMPLECNN_BLOCKS)
         self.conv1 = ConvReLUPool2d(in_channels, 32, kernel_size=3, kernel=kernel)
         self.dropout = nn.Dropout(0.25)  # kept (unused) so the module tree mirrors the tutorial's
-        self.fc1 = nn.Linear(32 * 13 * 13, num_classes)
+        self.fc1 = nn.Linear(32 * height * width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # flatten(1) copies channels-last activations into NCHW order, which fc1's weights expect.
@@ -34,13 +45,16 @@ class SimpleCNN(nn.Module):
 
 
 class LeNet(nn.Module):
-    """fastcnn's LeNet-style network: two fused conv-ReLU-pool blocks (1->6 k5, 6->12 k5), 192->120->60->10."""
+    """fastcnn's LeNet-style network: two fused conv-ReLU-pool blocks (C->6 k5, 6->12 k5), then
+    12*h*w->120->60->classes (192->120->60->10 at 1x28x28). Takes images of 16x16 and larger."""
 
-    def __init__(self, kernel: str = "auto", num_classes: int = 10, in_channels: int = 1):
+    def __init__(self, kernel: str = "auto", num_classes: int = 10, in_channels: int = 1,
+                 image_size: int | tuple[int, int] = 28):
         super().__init__()
+        height, width = feature_size("LeNet", image_size, LENET_BLOCKS)
         self.conv1 = ConvReLUPool2d(in_channels, 6, kernel_size=5, kernel=kernel)
         self.conv2 = ConvReLUPool2d(6, 12, kernel_size=5, kernel=kernel)
-        self.fc1 = nn.Linear(12 * 4 * 4, 120)
+        self.fc1 = nn.Linear(12 * height * width, 120)
         self.fc2 = nn.Linear(120, 60)
         self.out = nn.Linear(60, num_classes)
 
@@ -58,29 +72,35 @@ class TutorialRecipe:
     lr: float
     opt: str
     epochs: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    mean: tuple[float, ...] | None  # None: the train split's own statistics
+    std: tuple[float, ...] | None
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
     build: Callable[..., nn.Module]
-    build_reference: Callable[[], nn.Module]
+    build_reference: Callable[..., nn.Module]
     recipe: TutorialRecipe
     description: str
+    blocks: tuple[tuple[int, int], ...] = ()  # (kernel, padding) of its conv-ReLU-pool blocks: its smallest input
+
+    @property
+    def smallest_input(self) -> int:
+        return smallest_side(self.blocks)
 
 
 MODELS: dict[str, ModelSpec] = {
     "simplecnn": ModelSpec(
         "simplecnn", SimpleCNN, reference.SimpleCNN,
         TutorialRecipe("mnist", 64, 1e-3, "adam", 1, MNIST_MEAN, MNIST_STD),
-        "MNIST tutorial CNN: conv 1->32 k3, ReLU, maxpool 2, linear 5408->10"),
+        "MNIST tutorial CNN: conv 1->32 k3, ReLU, maxpool 2, linear 5408->10", SIMPLECNN_BLOCKS),
     "lenet": ModelSpec(
         "lenet", LeNet, reference.Network,
         # The Fashion-MNIST tutorial uses ToTensor() alone: no normalization.
         TutorialRecipe("fashion-mnist", 100, 1e-2, "adam", 1, (0.0,), (1.0,)),
-        "Fashion-MNIST tutorial LeNet: conv 1->6 k5, conv 6->12 k5 (ReLU, maxpool 2 each), 192->120->60->10"),
+        "Fashion-MNIST tutorial LeNet: conv 1->6 k5, conv 6->12 k5 (ReLU, maxpool 2 each), 192->120->60->10",
+        LENET_BLOCKS),
 }
 
 
@@ -91,41 +111,55 @@ def get_spec(name: str) -> ModelSpec:
         raise UsageError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}") from None
 
 
+def check_input_shape(name: str, image_shape: tuple[int, int, int]) -> None:
+    """UsageError (one line, naming the smallest size it takes) when model ``name`` cannot take (C, H, W) images."""
+    spec = get_spec(name)
+    _, height, width = (int(v) for v in image_shape)
+    least = spec.smallest_input
+    if min(height, width) < least:
+        fits = [other.name for other in MODELS.values() if other.smallest_input <= min(height, width)]
+        raise UsageError(f"model {name} needs images of at least {least}x{least} pixels; these are {height}x{width}: "
+                         f"pass --image-size {least} (or larger)"
+                         + (f", or use --model {' or '.join(fits)}" if fits else ""))
+
+
 def build_model(name: str, *, kernel: str = "auto", reference_impl: bool = False, num_classes: int = 10,
                 image_shape: tuple[int, int, int] = (1, 28, 28), widths: tuple[int, int, int] | None = None
                 ) -> nn.Module:
     """Build model ``name``: the fastcnn version (fused blocks, ``kernel`` picks their implementation) or,
     with ``reference_impl``, the tutorial's own class. Both have the same state_dict keys.
 
-    Every model takes 28x28 images; fastcnn's versions take any class count and channel count (the tutorial
-    classes are fixed at 10 classes and 1 channel, as in the tutorials). ``widths`` (conv1, conv2, hidden)
-    resizes fastnet."""
+    ``image_shape`` (C, H, W) and ``num_classes`` size the model: its first convolution takes C channels, its
+    flatten size follows from (H, W), its last layer has ``num_classes`` outputs. An input too small for the
+    model is a one-line UsageError naming the smallest size it takes. ``widths`` (conv1, conv2, hidden) resizes
+    fastnet."""
     spec = get_spec(name)
     extra = {}
     if widths is not None:
-        if name != "fastnet":
-            raise UsageError(f"--widths applies to fastnet, not {name}")
+        if name not in ("fastnet", "cifarnet"):
+            raise UsageError(f"--widths applies to fastnet and cifarnet, not {name}")
         extra["widths"] = tuple(widths)
-    if tuple(image_shape[1:]) != (28, 28):
-        raise UsageError(f"model {name} takes 28x28 images, not {image_shape[1]}x{image_shape[2]}")
+    check_input_shape(name, image_shape)
+    channels, height, width = (int(v) for v in image_shape)
+    shape = dict(num_classes=num_classes, in_channels=channels, image_size=(height, width))
     if reference_impl:
-        if (num_classes, image_shape[0]) != (10, 1):
-            raise UsageError(f"the tutorial's {name} takes 10 classes of 1-channel images (got {num_classes} "
-                             f"classes, {image_shape[0]} channels); use --preset fast or --kernel torch")
-        return spec.build_reference(**extra)
-    return spec.build(kernel=kernel, num_classes=num_classes, in_channels=image_shape[0], **extra)
+        return spec.build_reference(**shape, **extra)
+    return spec.build(kernel=kernel, **shape, **extra)
 
 
 class FastNet(nn.Module):
-    """Two fused conv-ReLU-pool blocks (1->c1 k5, c1->c2 k3) and a two-layer head: the shape of the fastest
-    public MNIST recipes, with widths chosen by fastcnn's speedrun ablation (see fastcnn.recipes)."""
+    """Two fused conv-ReLU-pool blocks (C->c1 k5, c1->c2 k3) and a two-layer head (c2*h*w->hidden->classes; h = w
+    = 5 at 28x28): the shape of the fastest public MNIST recipes, with widths chosen by fastcnn's speedrun ablation
+    (see fastcnn.recipes). Takes images of 12x12 and larger."""
 
-    def __init__(self, kernel: str = "auto", num_classes: int = 10, in_channels: int = 1, widths=(24, 32, 256)):
+    def __init__(self, kernel: str = "auto", num_classes: int = 10, in_channels: int = 1, widths=(24, 32, 256),
+                 image_size: int | tuple[int, int] = 28):
         super().__init__()
         c1, c2, hidden = widths
+        height, width = feature_size("FastNet", image_size, FASTNET_BLOCKS)
         self.conv1 = ConvReLUPool2d(in_channels, c1, kernel_size=5, kernel=kernel)
         self.conv2 = ConvReLUPool2d(c1, c2, kernel_size=3, kernel=kernel)
-        self.fc1 = nn.Linear(c2 * 5 * 5, hidden)
+        self.fc1 = nn.Linear(c2 * height * width, hidden)
         self.fc2 = nn.Linear(hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,15 +168,18 @@ class FastNet(nn.Module):
 
 class PublicMNISTNet(nn.Module):
     """The network of the best public single-GPU MNIST recipe ("train_mnist_fast"), written from its published
-    facts in plain PyTorch: conv 1->24 k5, maxpool 2, relu, conv 24->32 k3, maxpool 2, relu, 800->256->10."""
+    facts in plain PyTorch: conv 1->24 k5, maxpool 2, relu, conv 24->32 k3, maxpool 2, relu, 800->256->10 (at
+    1x28x28 with 10 classes; other shapes as FastNet)."""
 
-    def __init__(self, widths=(24, 32, 256)):
+    def __init__(self, widths=(24, 32, 256), in_channels: int = 1, num_classes: int = 10,
+                 image_size: int | tuple[int, int] = 28):
         super().__init__()
         c1, c2, hidden = widths
-        self.conv1 = nn.Conv2d(1, c1, kernel_size=5)
+        height, width = feature_size("PublicMNISTNet", image_size, FASTNET_BLOCKS)
+        self.conv1 = nn.Conv2d(in_channels, c1, kernel_size=5)
         self.conv2 = nn.Conv2d(c1, c2, kernel_size=3)
-        self.fc1 = nn.Linear(c2 * 5 * 5, hidden)
-        self.fc2 = nn.Linear(hidden, 10)
+        self.fc1 = nn.Linear(c2 * height * width, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(F.max_pool2d(self.conv1(x), 2))
@@ -153,7 +190,8 @@ class PublicMNISTNet(nn.Module):
 MODELS["mnistfast"] = ModelSpec(
     "mnistfast", lambda **kw: FastNet(widths=(24, 32, 256), **kw), PublicMNISTNet,
     TutorialRecipe("mnist", 256, 1e-2, "adam", 1, MNIST_MEAN, MNIST_STD),
-    "the public train_mnist_fast network: conv 1->24 k5, conv 24->32 k3 (maxpool 2, ReLU each), 800->256->10")
+    "the public train_mnist_fast network: conv 1->24 k5, conv 24->32 k3 (maxpool 2, ReLU each), 800->256->10",
+    FASTNET_BLOCKS)
 
 # Widths of fastnet: chosen by the speedrun ablation recorded in the README (time vs accuracy on MNIST).
 FASTNET_WIDTHS = (16, 32, 128)
@@ -162,4 +200,53 @@ MODELS["fastnet"] = ModelSpec(
     "fastnet", lambda **kw: FastNet(**{"widths": FASTNET_WIDTHS, **kw}),
     lambda **kw: PublicMNISTNet(**{"widths": FASTNET_WIDTHS, **kw}),
     TutorialRecipe("mnist", 256, 1e-2, "adam", 1, MNIST_MEAN, MNIST_STD),
-    "fastcnn's speedrun network: fused conv blocks 1->c1 k5, c1->c2 k3, a c2*25->hidden->10 head")
+    "fastcnn's speedrun network: fused conv blocks 1->c1 k5, c1->c2 k3, a c2*25->hidden->10 head", FASTNET_BLOCKS)
+
+
+class CifarNet(nn.Module):
+    """Three fused conv-ReLU-pool blocks (C->c1, c1->c2, c2->c3; 3x3 kernels, padding 1), each followed by batch
+    normalization, and a linear classifier on the c3*h*w features (h = w = 4 at 32x32): the network of fastcnn's
+    cifar10 recipe (see fastcnn.recipes), for small colour images. Takes images of 8x8 and larger."""
+
+    def __init__(self, kernel: str = "auto", num_classes: int = 10, in_channels: int = 3, widths=(24, 48, 96),
+                 image_size: int | tuple[int, int] = 32):
+        super().__init__()
+        c1, c2, c3 = widths
+        height, width = feature_size("CifarNet", image_size, CIFARNET_BLOCKS)
+        self.conv1 = ConvReLUPool2d(in_channels, c1, kernel_size=3, padding=1, kernel=kernel)
+        self.bn1 = nn.BatchNorm2d(c1)
+        self.conv2 = ConvReLUPool2d(c1, c2, kernel_size=3, padding=1, kernel=kernel)
+        self.bn2 = nn.BatchNorm2d(c2)
+        self.conv3 = ConvReLUPool2d(c2, c3, kernel_size=3, padding=1, kernel=kernel)
+        self.bn3 = nn.BatchNorm2d(c3)
+        self.fc = nn.Linear(c3 * height * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn3(self.conv3(self.bn2(self.conv2(self.bn1(self.conv1(x))))))
+        return self.fc(x.flatten(1))
+
+
+class CifarNetReference(nn.Module):
+    """CifarNet in plain PyTorch (Conv2d, ReLU, MaxPool2d, BatchNorm2d): its reference twin, same state_dict."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, widths=(24, 48, 96),
+                 image_size: int | tuple[int, int] = 32):
+        super().__init__()
+        c1, c2, c3 = widths
+        height, width = feature_size("CifarNet", image_size, CIFARNET_BLOCKS)
+        self.conv1, self.bn1 = nn.Conv2d(in_channels, c1, 3, padding=1), nn.BatchNorm2d(c1)
+        self.conv2, self.bn2 = nn.Conv2d(c1, c2, 3, padding=1), nn.BatchNorm2d(c2)
+        self.conv3, self.bn3 = nn.Conv2d(c2, c3, 3, padding=1), nn.BatchNorm2d(c3)
+        self.fc = nn.Linear(c3 * height * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv, norm in ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)):
+            x = norm(F.max_pool2d(F.relu(conv(x)), 2))
+        return self.fc(x.flatten(1))
+
+
+MODELS["cifarnet"] = ModelSpec(
+    "cifarnet", CifarNet, CifarNetReference,
+    TutorialRecipe("cifar10", 256, 1e-2, "adam", 1, None, None),
+    "fastcnn's CIFAR-10 network: fused conv blocks C->24->48->96 (3x3, padding 1, ReLU, maxpool 2, batch norm "
+    "each), linear 1536->10 at 32x32", CIFARNET_BLOCKS)
