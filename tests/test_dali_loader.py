@@ -179,8 +179,9 @@ def augmentations(augmented: torch.Tensor, original: torch.Tensor, max_shift: in
 
 
 @pytest.mark.parametrize("flip", [False, True])
-def test_augmentation_translates_and_flips_only_when_asked(flip):
-    data = small_set(size=9)
+@pytest.mark.parametrize("channels", [1, 3])  # grayscale digits and RGB images (CIFAR-10, colour folders)
+def test_augmentation_translates_and_flips_only_when_asked(flip, channels):
+    data = small_set(size=9, channels=channels)
     kw = dict(seed=7, channels_last=True)
     aug = DaliLoader(data, 16, augment=True, flip=flip, **kw)
     plain = DeviceLoader(data, 16, **kw)

@@ -1,5 +1,5 @@
-"""Image folders (torchvision ImageFolder layout) decoded by DALI (CPU decoder here) into ImageDatasets, and the
-one-line DatasetError for each way a folder can be wrong."""
+"""Image folders (torchvision ImageFolder layout) decoded by DALI (CPU decoder here) into ImageDatasets: the shape
+inferred from the files (colour, size), the one-line DatasetError for each way a folder can be wrong."""
 
 import pathlib
 
@@ -43,8 +43,8 @@ def folder(tmp_path):
 
 def test_hold_out_split_partitions_each_class_with_sorted_classes_and_labels(folder):
     root, written = folder
-    train = load_imagefolder(root, True, seed=0)
-    test = load_imagefolder(root, False, seed=0)
+    train = load_imagefolder(root, True, seed=0, channels=1, image_size=28)
+    test = load_imagefolder(root, False, seed=0, channels=1, image_size=28)
     assert train.classes == test.classes == ["cat", "dog", "eel"] and train.name == "imagefolder"
     assert train.images.dtype == torch.uint8 and train.images.shape[1:] == (1, 28, 28)
     assert train.labels.dtype == torch.int64 and train.labels.shape == (len(train),)
@@ -59,17 +59,17 @@ def test_hold_out_split_partitions_each_class_with_sorted_classes_and_labels(fol
         for file, pixels in written[name].items():
             if pixels.ndim == 2 and file.endswith(".png"):
                 assert served[bytes(pixels.reshape(1, 28, 28))] == label
-    again = load_imagefolder(root, False, seed=0)
+    again = load_imagefolder(root, False, seed=0, channels=1, image_size=28)
     assert torch.equal(again.images, test.images)
-    others = [load_imagefolder(root, False, seed=s).images for s in range(1, 4)]
+    others = [load_imagefolder(root, False, seed=s, channels=1, image_size=28).images for s in range(1, 4)]
     assert any(not torch.equal(o, test.images) for o in others)  # the seed picks the held-out images
 
 
 def test_rgb_output_and_resizing_of_every_kind_of_file(folder):
     root, _ = folder
-    gray = load_imagefolder(root, True)
+    gray = load_imagefolder(root, True, channels=1, image_size=28)
     rgb = load_imagefolder(root, True, image_size=(21, 31), channels=3)
-    small = load_imagefolder(root, True, image_size=16)
+    small = load_imagefolder(root, True, image_size=16, channels=1)
     assert rgb.images.shape == (len(gray), 3, 21, 31) and small.images.shape == (len(gray), 1, 16, 16)
     assert torch.equal(rgb.labels, gray.labels) and torch.equal(small.labels, gray.labels)
     assert rgb.images.float().std() > 30  # random pixels survived (uniform: 74; resizing smooths)
@@ -92,7 +92,7 @@ def test_pixels_of_png_and_jpeg_match_pil(tmp_path):
     assert np.abs(train.images[2, 0].numpy().astype(np.int16) - jpeg).max() <= 2
     as_rgb = load_imagefolder(tmp_path, True, image_size=(12, 17), channels=3)
     assert torch.equal(as_rgb.images[1], torch.from_numpy(rgb).permute(2, 0, 1))  # same size: unchanged
-    as_gray = load_imagefolder(tmp_path, True, image_size=(12, 17))
+    as_gray = load_imagefolder(tmp_path, True, image_size=(12, 17), channels=1)
     luma = np.asarray(Image.fromarray(rgb).convert("L"), dtype=np.int16)
     assert np.abs(as_gray.images[1, 0].numpy().astype(np.int16) - luma).max() <= 1
     replicated = load_imagefolder(tmp_path, True, channels=3).images[0]
@@ -112,9 +112,10 @@ def test_train_and_val_folders_are_the_splits(tmp_path):
 
 def test_a_lone_train_folder_is_split_by_hold_out(tmp_path):
     rng = np.random.default_rng(3)
-    for i in range(12):
-        write_image(tmp_path / "train" / "only" / f"{i}.png", random_pixels(rng, (5, 5)))
-    assert (len(load_imagefolder(tmp_path, True)), len(load_imagefolder(tmp_path, False))) == (10, 2)
+    for name in ("a", "b"):
+        for i in range(12):
+            write_image(tmp_path / "train" / name / f"{i}.png", random_pixels(rng, (5, 5)))
+    assert (len(load_imagefolder(tmp_path, True)), len(load_imagefolder(tmp_path, False))) == (20, 4)
 
 
 def error(*args, **kwargs) -> str:
@@ -144,8 +145,9 @@ def test_error_names_the_class_folder_without_images(tmp_path):
 
 def test_error_names_the_file_that_does_not_decode(tmp_path, capfd):
     for i in range(5):
-        write_image(tmp_path / "train" / "a" / f"{i}.png", np.full((6, 6), i, np.uint8))
-        write_image(tmp_path / "test" / "a" / f"{i}.png", np.full((6, 6), i, np.uint8))
+        for split in ("train", "test"):
+            for name in ("a", "b"):
+                write_image(tmp_path / split / name / f"{i}.png", np.full((6, 6), i, np.uint8))
     bad = tmp_path / "train" / "a" / "3b.png"
     bad.write_bytes(b"this is text, not a PNG")
     message = error(tmp_path, True)
@@ -196,3 +198,144 @@ def test_mixed_decoding_on_the_gpu_matches_the_cpu(folder):
     assert gpu.images.is_cuda and gpu.labels.is_cuda and torch.equal(gpu.labels.cpu(), cpu.labels)
     # PNGs decode on the CPU in both; the JPEG goes through nvJPEG, and resizing runs on the GPU
     assert (gpu.images.cpu().int() - cpu.images.int()).abs().max() <= 3
+
+
+# --- the shape a folder's images keep by default --------------------------------------------------------------
+
+
+def two_classes(root: pathlib.Path, make, count: int = 3) -> pathlib.Path:
+    """``count`` images per class a and b in root/train (and a copy in root/test), each ``make(rng, class index,
+    i)``: a PIL image, or (image, save options). Returns root/train."""
+    rng = np.random.default_rng(7)
+    for label, name in enumerate(("a", "b")):
+        for i in range(count):
+            made = make(rng, label, i)
+            image, options = made if isinstance(made, tuple) else (made, {})
+            ext = options.pop("ext", "png")
+            for split in ("train", "test"):
+                path = root / split / name / f"{i}.{ext}"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                image.save(path, **options)
+    return root / "train"
+
+
+def test_rgb_images_stay_rgb_at_their_size(tmp_path):
+    train = two_classes(tmp_path, lambda rng, label, i: Image.fromarray(random_pixels(rng, (48, 40, 3))))
+    data = load_imagefolder(tmp_path, True)
+    assert data.images.shape == (6, 3, 48, 40) and data.notes == [] and data.source == str(tmp_path)
+    first = np.array(Image.open(train / "a" / "0.png"))
+    assert torch.equal(data.images[0], torch.from_numpy(first).permute(2, 0, 1))  # decoded exactly
+
+
+def test_grayscale_images_stay_grayscale(tmp_path):
+    train = two_classes(tmp_path, lambda rng, label, i: Image.fromarray(random_pixels(rng, (20, 30))))
+    data = load_imagefolder(tmp_path, True)
+    assert data.images.shape == (6, 1, 20, 30)
+    assert torch.equal(data.images[4, 0], torch.from_numpy(np.array(Image.open(train / "b" / "1.png"))))
+
+
+def test_mixed_sizes_take_the_most_common_and_say_so(tmp_path):
+    sizes = [(32, 32), (32, 32), (50, 20)]
+    two_classes(tmp_path, lambda rng, label, i: Image.fromarray(random_pixels(rng, (*sizes[i], 3))))
+    data = load_imagefolder(tmp_path, True)
+    assert data.images.shape == (6, 3, 32, 32)
+    assert len(data.notes) == 1 and "2 of 6 train images (1 other sizes) are not 32x32" in data.notes[0]
+    assert data.images[2].float().std() > 10  # the odd ones were resized, not left empty
+    assert load_imagefolder(tmp_path, True, image_size=(50, 20)).images.shape == (6, 3, 50, 20)  # override
+
+
+def test_a_colour_image_among_grayscale_ones_makes_the_folder_rgb(tmp_path):
+    def colour_one(rng, label, i):
+        return Image.fromarray(random_pixels(rng, (8, 8, 3) if (label, i) == (1, 2) else (8, 8)))
+
+    train = two_classes(tmp_path, colour_one)
+    data = load_imagefolder(tmp_path, True)
+    assert data.images.shape == (6, 3, 8, 8) and "5 of 6 train images are grayscale" in data.notes[0]
+    gray = torch.from_numpy(np.array(Image.open(train / "a" / "0.png")))
+    assert all(torch.equal(data.images[0, c], gray) for c in range(3))  # gray repeated into R, G and B
+    assert load_imagefolder(tmp_path, True, channels=1).images.shape == (6, 1, 8, 8)  # override
+
+
+def test_rgba_and_palette_pngs_decode_like_pil_rgb(tmp_path):
+    def make(rng, label, i):
+        rgb = random_pixels(rng, (16, 16, 3))
+        if label == 0:
+            alpha = random_pixels(rng, (16, 16, 1))
+            return Image.fromarray(np.concatenate([rgb, alpha], axis=2), "RGBA")
+        return Image.fromarray(rgb).convert("P")  # an adaptive colour palette
+    train = two_classes(tmp_path, make)
+    data = load_imagefolder(tmp_path, True)
+    assert data.images.shape == (6, 3, 16, 16)
+    for index, path in enumerate([train / "a" / "0.png", train / "b" / "0.png"]):
+        expected = np.asarray(Image.open(path).convert("RGB")).transpose(2, 0, 1)  # alpha dropped, palette applied
+        assert torch.equal(data.images[3 * index], torch.from_numpy(expected.copy()))
+
+
+def test_a_gray_palette_is_grayscale(tmp_path):
+    train = two_classes(tmp_path, lambda rng, label, i: Image.fromarray(random_pixels(rng, (9, 9))).convert("P"))
+    data = load_imagefolder(tmp_path, True)
+    assert data.images.shape == (6, 1, 9, 9)
+    assert torch.equal(data.images[0, 0], torch.from_numpy(np.array(Image.open(train / "a" / "0.png")
+                                                                      .convert("L"))))
+
+
+def test_jpegs_colour_and_gray(tmp_path):
+    smooth = lambda rng, shape: np.kron(random_pixels(rng, shape), np.ones((4, 4, 1) if len(shape) == 3 else (4, 4),
+                                                                           np.uint8))
+    two_classes(tmp_path / "rgb", lambda rng, label, i: (Image.fromarray(smooth(rng, (6, 5, 3))),
+                                                         dict(ext="jpg", quality=95)))
+    two_classes(tmp_path / "gray", lambda rng, label, i: (Image.fromarray(smooth(rng, (6, 5))),
+                                                          dict(ext="jpeg", quality=95)))
+    rgb, gray = load_imagefolder(tmp_path / "rgb", True), load_imagefolder(tmp_path / "gray", True)
+    assert rgb.images.shape == (6, 3, 24, 20) and gray.images.shape == (6, 1, 24, 20)
+    pil = np.asarray(Image.open(tmp_path / "rgb" / "train" / "a" / "0.jpg").convert("RGB"), dtype=np.int16)
+    pil = pil.transpose(2, 0, 1)
+    assert np.abs(rgb.images[0].numpy().astype(np.int16) - pil).max() <= 3  # decoders may round differently
+
+
+def test_the_test_split_gets_the_train_splits_shape(tmp_path):
+    rng = np.random.default_rng(4)
+    for name in ("a", "b"):
+        for i in range(3):
+            write_image(tmp_path / "train" / name / f"{i}.png", random_pixels(rng, (12, 12, 3)))
+            write_image(tmp_path / "test" / name / f"{i}.png", random_pixels(rng, (30, 20)))  # gray, another size
+    assert load_imagefolder(tmp_path, False).images.shape == (6, 3, 12, 12)
+
+
+def test_a_subset_is_spread_over_the_classes_and_decodes_only_those(tmp_path):
+    two_classes(tmp_path, lambda rng, label, i: Image.fromarray(np.full((4, 4), 10 * label + i, np.uint8)), count=6)
+    data = load_imagefolder(tmp_path, True, subset=4)
+    assert data.labels.tolist() == [0, 0, 1, 1] and data.images[:, 0, 0, 0].tolist() == [0, 3, 10, 13]
+
+
+def test_a_folder_with_one_class_is_refused(tmp_path):
+    write_image(tmp_path / "cats" / "0.png", np.zeros((4, 4), np.uint8))
+    write_image(tmp_path / "cats" / "1.png", np.zeros((4, 4), np.uint8))
+    message = error(tmp_path, True)
+    assert "has one class folder (cats)" in message and "two or more" in message
+
+
+def test_image_headers_match_pil(tmp_path):
+    from fastcnn.data.image_headers import read_header
+
+    rng = np.random.default_rng(5)
+    cases = {"g.png": Image.fromarray(random_pixels(rng, (9, 11))), "la.png": Image.fromarray(
+        random_pixels(rng, (9, 11))).convert("LA"), "rgba.png": Image.fromarray(random_pixels(rng, (9, 11, 4))),
+        "p.png": Image.fromarray(random_pixels(rng, (9, 11, 3))).convert("P"),
+        "pg.png": Image.fromarray(random_pixels(rng, (9, 11))).convert("P"),
+        "i16.png": Image.fromarray(rng.integers(0, 65535, (9, 11), dtype=np.uint16)),
+        "g.jpg": Image.fromarray(random_pixels(rng, (9, 11))), "c.jpg": Image.fromarray(random_pixels(rng, (9, 11, 3))),
+        "cmyk.jpg": Image.fromarray(random_pixels(rng, (9, 11, 3))).convert("CMYK")}
+    colour = {"rgba.png", "p.png", "c.jpg", "cmyk.jpg"}
+    for name, image in cases.items():
+        image.save(tmp_path / name, **({"progressive": True} if name == "c.jpg" else {}))
+        header = read_header(tmp_path / name)
+        assert (header.height, header.width, header.color) == (9, 11, name in colour), name
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 5000  # a large APP1 segment before the frame header: found by seeking
+    Image.fromarray(random_pixels(rng, (7, 5, 3))).save(tmp_path / "exif.jpg", exif=exif)
+    header = read_header(tmp_path / "exif.jpg")
+    assert (header.height, header.width, header.color) == (7, 5, True)
+    assert (tmp_path / "exif.jpg").stat().st_size > 5000
+    (tmp_path / "junk.png").write_bytes(b"junk")
+    assert read_header(tmp_path / "junk.png") is None

@@ -6,7 +6,13 @@ files sorted by path, as torchvision's ImageFolder does. Splits: when ``root/tra
 classes. Otherwise the one folder (``root``, or ``root/train`` when it is the only split folder) is split
 deterministically: of each class, ``round(n / 6)`` images (at least one when the class has two or more) are held
 out for the test split, chosen by a permutation seeded with (``seed``, class name); the rest is the train split.
-A class's split changes only when that class's files change.
+A class's split changes only when that class's files change. A folder needs two classes or more.
+
+Shape. By default the images keep what they are: RGB when any image of the train split is stored in colour
+(RGB, RGBA, CMYK, a palette with colours; alpha is dropped), grayscale when all are gray; and the size they share,
+or with mixed sizes the most common one (the others are resized to it). This is read from the files' headers
+(``fastcnn.data.image_headers``) before anything is decoded, always from the train split, so both splits get the
+same shape. ``channels`` and ``image_size`` override it.
 
 Decoding: ``fn.decoders.image`` (``device="cpu"``, or ``"mixed"`` when ``device`` is a CUDA device) to GRAY
 (``channels=1``) or RGB (``channels=3``), ``fn.resize`` to ``image_size`` (bilinear, antialiased when
@@ -16,17 +22,20 @@ split as uint8 (N, C, H, W) on the decoding device.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import pathlib
 import sys
 import zlib
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
 from fastcnn.data.datasets import ImageDataset
+from fastcnn.data.image_headers import read_header
 from fastcnn.data.sampling import epoch_seed
 from fastcnn.errors import DatasetError
 
@@ -36,28 +45,80 @@ DECODE_BATCH = 256
 LAYOUT_HINT = "lay it out as <root>/<class>/<image>.png|jpg|jpeg (torchvision ImageFolder)"
 
 
-def load_imagefolder(root: str | os.PathLike, train: bool, *, image_size: int | tuple[int, int] = (28, 28),
-                     channels: int = 1, seed: int = 0, device: torch.device | str | None = None) -> ImageDataset:
-    """The train or test split of the image folder ``root`` (see the module docstring for layout and splits).
+@dataclass(frozen=True)
+class FolderShape:
+    """The shape a folder's images are decoded to, and what was found out choosing it."""
 
-    images: uint8 (N, ``channels``, H, W) with (H, W) = ``image_size``, on ``device`` (CPU when None);
-    labels: int64 (N,); classes: the class folder names, sorted. Raises ``DatasetError`` (one line: what is
-    wrong and what to do) for a missing root, no class folders, a class folder without images, a file that is
-    not a decodable image, and train/test splits with different classes.
+    channels: int
+    height: int
+    width: int
+    notes: list[str] = field(default_factory=list)
+
+
+def load_imagefolder(root: str | os.PathLike, train: bool, *, image_size: int | tuple[int, int] | None = None,
+                     channels: int | None = None, seed: int = 0, device: torch.device | str | None = None,
+                     subset: int | None = None) -> ImageDataset:
+    """The train or test split of the image folder ``root`` (see the module docstring for layout, splits and
+    the shape inferred when ``channels`` / ``image_size`` are None).
+
+    images: uint8 (N, C, H, W) on ``device`` (CPU when None); labels: int64 (N,); classes: the class folder
+    names, sorted; notes: what was inferred or converted that a user should know (mixed sizes, mixed colour).
+    ``subset``: only that many images, spread evenly over the split (so over every class), and only those are
+    decoded. Raises ``DatasetError`` (one line: what is wrong and what to do) for a missing root, fewer than two
+    class folders, a class folder without images, a file that is not a decodable image, and train/test splits
+    with different classes.
     """
-    if channels not in (1, 3):
+    if channels is not None and channels not in (1, 3):
         raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
-    height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    if height < 1 or width < 1:
-        raise ValueError(f"image_size must be positive, got {image_size}")
+    if image_size is not None:
+        height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if height < 1 or width < 1:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        image_size = (height, width)
     root = pathlib.Path(root)
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
         raise DatasetError(f"image folder {root} {what}; {LAYOUT_HINT}, or point --data-dir at one")
     classes, files, labels = _split_files(root, train, seed)
+    if channels is None or image_size is None:
+        train_files = files if train else _split_files(root, True, seed)[1]
+        shape = infer_shape(train_files, channels=channels, image_size=image_size)
+    else:
+        shape = FolderShape(channels, *image_size)
+    if subset is not None and subset < len(files):
+        chosen = [len(files) * i // subset for i in range(subset)]
+        files, labels = [files[i] for i in chosen], [labels[i] for i in chosen]
     device = torch.device(device) if device is not None else torch.device("cpu")
-    images = _decode(files, height=height, width=width, channels=channels, device=device)
-    return ImageDataset("imagefolder", images, torch.tensor(labels, dtype=torch.int64, device=device), classes)
+    images = _decode(files, height=shape.height, width=shape.width, channels=shape.channels, device=device)
+    return ImageDataset("imagefolder", images, torch.tensor(labels, dtype=torch.int64, device=device), classes,
+                        source=str(root), notes=list(shape.notes))
+
+
+def infer_shape(files: list[pathlib.Path], *, channels: int | None = None,
+                image_size: tuple[int, int] | None = None) -> FolderShape:
+    """The shape to decode ``files`` (a train split) to: RGB when any is stored in colour, else grayscale; the
+    most common size (ties: the larger); ``channels`` / ``image_size`` where given. Files whose header cannot be
+    read are left out here (decoding names them)."""
+    headers = [h for h in (read_header(f) for f in files) if h is not None]
+    notes = []
+    if channels is None:
+        colored = sum(h.color for h in headers)
+        channels = 3 if colored else 1
+        if 0 < colored < len(headers):
+            notes.append(f"{len(headers) - colored} of {len(headers)} train images are grayscale and the others "
+                         "colour: all are decoded as RGB (--channels 1 for grayscale)")
+    if image_size is None:
+        sizes = collections.Counter((h.height, h.width) for h in headers)
+        if not sizes:
+            image_size = (28, 28)  # nothing readable: decoding will say which file is broken
+        else:
+            image_size = max(sizes, key=lambda size: (sizes[size], size[0] * size[1], size))
+            others = len(headers) - sizes[image_size]
+            if others:
+                notes.append(f"{others} of {len(headers)} train images ({len(sizes) - 1} other sizes) are not "
+                             f"{image_size[0]}x{image_size[1]}, the most common size: they are resized to it "
+                             "(--image-size to choose another)")
+    return FolderShape(channels, *image_size, notes)
 
 
 def _split_files(root: pathlib.Path, train: bool, seed: int) -> tuple[list[str], list[pathlib.Path], list[int]]:
@@ -97,6 +158,9 @@ def _scan(folder: pathlib.Path) -> dict[str, list[pathlib.Path]]:
                         key=lambda d: d.name)
     if not class_dirs:
         raise DatasetError(f"image folder {folder} has no class folders; {LAYOUT_HINT}")
+    if len(class_dirs) == 1:
+        raise DatasetError(f"image folder {folder} has one class folder ({class_dirs[0].name}); a classifier needs "
+                           "two or more: add a folder of images for each other class")
     per_class = {}
     for class_dir in class_dirs:
         files = sorted(pathlib.Path(dirpath) / name
