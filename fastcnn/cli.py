@@ -21,7 +21,12 @@ from fastcnn.recipes import RECIPES
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line: ``fastcnn: error: ...`` (exit 2)."""
+    """argparse, but a usage error is one line: ``fastcnn: error: ...`` (exit 2), and options are never
+    abbreviated (``--channels`` must not be taken for ``--channels-last``, nor a typo for another flag)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         sys.stderr.write(f"fastcnn: error: {message} (see `{self.prog} --help`)\n")
@@ -56,12 +61,38 @@ def positive_pair(text: str) -> tuple[int, int]:
     return train, test
 
 
+def channel_count(text: str) -> int:
+    if text not in ("1", "3"):
+        raise argparse.ArgumentTypeError(f"must be 1 (grayscale) or 3 (RGB), got {text!r}")
+    return int(text)
+
+
+def image_size(text: str) -> tuple[int, int]:
+    """``32`` -> (32, 32); ``48x64`` -> (48, 64) (height x width)."""
+    try:
+        values = tuple(int(part) for part in text.lower().split("x"))
+    except ValueError:
+        values = ()
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected N or HxW (pixels, like 32 or 48x64), got {text!r}")
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"an image side must be at least 1 pixel, got {text!r}")
+    return values
+
+
 def add_training_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", choices=sorted(MODELS), help="model to train (default: simplecnn, or the recipe's)")
     g.add_argument("--dataset", choices=DATASETS, help="dataset (default: the model's tutorial dataset)")
     g.add_argument("--data-dir", help="dataset root in torchvision's layout (default: $FASTCNN_DATA, else ./data); "
                    "for --dataset imagefolder, a folder of <class>/<image>.png (or train/ and test/ subfolders)")
+    g.add_argument("--channels", type=channel_count, metavar="{1,3}", help="train on grayscale (1) or RGB (3) "
+                   "images, converting if needed (default: the dataset's; an image folder's: RGB when its images "
+                   "are colour)")
+    g.add_argument("--image-size", type=image_size, metavar="N|HxW", help="resize the images to N x N or H x W "
+                   "pixels (default: the dataset's; an image folder's: its images' most common size)")
     g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                    help="download a missing dataset when the network allows (default: on)")
     g.add_argument("--widths", type=int_triple, metavar="C1,C2,H", help="fastnet's widths: conv1 and conv2 "
@@ -70,9 +101,10 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--test-subset", type=int, metavar="N", help="use only the first N test images")
     g.add_argument("--synthetic-size", type=positive_pair, default=(60_000, 10_000), metavar="TRAIN,TEST",
                    help="sample counts of --dataset synthetic (default: 60000,10000)")
-    g.add_argument("--augment", action="store_true", help="random translation by up to 2 pixels (DALI loader)")
-    g.add_argument("--flip", action="store_true", help="with --augment: random horizontal flips too (never for "
-                   "digits; fine for most photos)")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="random translation by up to 2 pixels (DALI loader) (default: off, or the recipe's)")
+    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="with --augment: random "
+                   "horizontal flips too (never for digits; fine for most photos) (default: off, or the recipe's)")
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int, help="epochs (default: the tutorial's, 1)")
     g.add_argument("-b", "--batch-size", type=int, help="batch size (default: the tutorial's: 64 simplecnn, 100 lenet)")
@@ -84,7 +116,8 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--betas", type=float_pair, metavar="B1,B2", help="Adam betas (default: 0.9,0.999)")
     g.add_argument("--label-smoothing", type=float, metavar="EPS", help="cross-entropy label smoothing (default: 0)")
     g.add_argument("--recipe", choices=sorted(RECIPES), help="a named recipe: speedrun (fastcnn's time-to-accuracy "
-                   "recipe) or public (the best public MNIST recipe); it picks model, batch, optimizer, schedule")
+                   "recipe), public (the best public MNIST recipe) or cifar10 (CIFAR-10 and other small colour "
+                   "images); it picks model, batch, optimizer, schedule, augmentation")
     g = p.add_argument_group("speed (defaults come from --preset; explicit flags override it)")
     g.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda when a GPU is visible")
     g.add_argument("--preset", choices=PRESETS,

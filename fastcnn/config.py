@@ -10,6 +10,12 @@ Presets:
   whole-step CUDA graphs, unless the run asks for something a graph cannot capture (float16, SGD, a compile mode
   with graphs of its own): then the preset leaves graphs off, where an explicit ``--cuda-graph`` would be refused.
 Explicit flags always override the preset.
+
+Data shape and normalization. ``channels`` / ``image_size`` left at None keep the dataset's own shape (an image
+folder's is inferred from its images); the resolved configuration of a run records the shape it trained on.
+MNIST, Fashion-MNIST and synthetic data are normalized as the model's tutorial does (or the recipe says); every
+other dataset (image folders, CIFAR-10) with its train split's own per-channel mean and std, computed after the
+data is loaded (``mean``/``std`` are None until then) and recorded in the checkpoint.
 """
 
 from __future__ import annotations
@@ -20,11 +26,12 @@ from dataclasses import dataclass
 import torch
 
 from fastcnn.data import DATASETS, LOADERS
+from fastcnn.data.datasets import CHANNEL_CHOICES
 from fastcnn.engine import SCHEDULES
 from fastcnn.errors import NotAvailableError, UsageError
 from fastcnn.models import get_spec
 from fastcnn.nn import KERNEL_CHOICES
-from fastcnn.recipes import get_recipe
+from fastcnn.recipes import default_dataset, get_recipe
 
 PRESETS = ("fast", "reference")
 OPTIMIZERS = ("adam", "sgd")
@@ -32,6 +39,8 @@ AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MAX_BATCH_SIZE = 1 << 20
+# Datasets normalized as the model's tutorial (or the recipe) says; the others with their train split's statistics
+TUTORIAL_NORMALIZED = ("mnist", "fashion-mnist", "synthetic")
 
 
 @dataclass
@@ -75,9 +84,11 @@ class TrainConfig:
     target_acc: float | None = None
     num_workers: int = 0
     deterministic: bool = False
-    augment: bool = False
-    flip: bool = False
+    augment: bool | None = None  # None: off, unless the recipe turns it on
+    flip: bool | None = None
     widths: tuple[int, int, int] | None = None
+    channels: int | None = None  # 1 or 3; None: the dataset's own
+    image_size: tuple[int, int] | None = None  # (height, width); None: the dataset's own
 
 
 @dataclass(frozen=True)
@@ -104,8 +115,8 @@ class ResolvedConfig:
     cuda_graph: bool
     kernel: str
     reference_model: bool
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    mean: tuple[float, ...] | None  # None: the train split's own, filled in once the data is loaded
+    std: tuple[float, ...] | None
     train_subset: int | None
     test_subset: int | None
     synthetic_size: tuple[int, int]
@@ -121,6 +132,8 @@ class ResolvedConfig:
     flip: bool = False
     widths: tuple[int, int, int] | None = None
     fused_optimizer: bool = False  # a default, so that checkpoints from before the option still resume
+    channels: int | None = None  # what was asked before the data is loaded; what it trained on after
+    image_size: tuple[int, int] | None = None
 
     @property
     def torch_device(self) -> torch.device:
@@ -193,7 +206,16 @@ def resolve(cfg: TrainConfig) -> ResolvedConfig:
              f"--betas must be two numbers in [0, 1), got {cfg.betas}")
     _require(cfg.eval_every >= 0, f"--eval-every must be >= 0 steps, got {cfg.eval_every}")
     _require(cfg.runs >= 1, f"--runs must be at least 1, got {cfg.runs}")
-    mean, std = cfg.normalize or (recipe.mean, recipe.std)
+    if cfg.normalize is not None:
+        mean, std = cfg.normalize
+    elif dataset in TUTORIAL_NORMALIZED and recipe.mean is not None:
+        mean, std = recipe.mean, recipe.std
+    else:
+        mean, std = None, None  # the train split's own statistics, once it is loaded
+    _require(cfg.channels is None or cfg.channels in CHANNEL_CHOICES,
+             f"--channels must be 1 (grayscale) or 3 (RGB), got {cfg.channels}")
+    _require(cfg.image_size is None or min(cfg.image_size) >= 1,
+             f"--image-size must be at least 1 pixel, got {cfg.image_size}")
     _require(epochs >= 1, f"--epochs must be at least 1, got {epochs}")
     _require(1 <= batch_size <= MAX_BATCH_SIZE,
              f"--batch-size must be between 1 and {MAX_BATCH_SIZE}, got {batch_size}")
@@ -233,20 +255,23 @@ def resolve(cfg: TrainConfig) -> ResolvedConfig:
         batch_size=batch_size, lr=lr, opt=opt, seed=cfg.seed, device=device, preset=preset,
         loader=chosen["loader"], amp=chosen["amp"], amp_dtype=amp_dtype, channels_last=chosen["channels_last"],
         compile=chosen["compile"], compile_mode=compile_mode, cuda_graph=chosen["cuda_graph"],
-        kernel=chosen["kernel"], reference_model=chosen["reference_model"], mean=tuple(mean),
-        std=tuple(std), train_subset=cfg.train_subset, test_subset=cfg.test_subset,
+        kernel=chosen["kernel"], reference_model=chosen["reference_model"],
+        mean=tuple(mean) if mean is not None else None, std=tuple(std) if std is not None else None,
+        train_subset=cfg.train_subset, test_subset=cfg.test_subset,
         synthetic_size=tuple(cfg.synthetic_size), target_acc=cfg.target_acc, num_workers=cfg.num_workers,
         recipe=cfg.recipe, schedule=schedule, betas=tuple(cfg.betas) if cfg.betas else None,
         label_smoothing=label_smoothing, eval_every=cfg.eval_every, deterministic=cfg.deterministic,
-        augment=cfg.augment, flip=cfg.flip, widths=tuple(cfg.widths) if cfg.widths else None,
-        fused_optimizer=chosen["fused_optimizer"])
+        augment=bool(cfg.augment), flip=bool(cfg.flip), widths=tuple(cfg.widths) if cfg.widths else None,
+        fused_optimizer=chosen["fused_optimizer"], channels=cfg.channels,
+        image_size=tuple(cfg.image_size) if cfg.image_size else None)
 
 
 def apply_recipe(cfg: TrainConfig) -> TrainConfig:
     """Fill the options a named recipe decides, leaving every explicitly given flag as it is."""
-    recipe = get_recipe(cfg.recipe, cfg.dataset or "mnist")
+    dataset = cfg.dataset or default_dataset(cfg.recipe)
+    recipe = get_recipe(cfg.recipe, dataset)
     device_settings = recipe.device_settings.get(pick_device(cfg.device), {})
-    chosen = dict(model=recipe.model, widths=recipe.widths, dataset=cfg.dataset or "mnist",
+    chosen = dict(model=recipe.model, widths=recipe.widths, dataset=dataset,
                   batch_size=recipe.batch_size, lr=recipe.lr, opt=recipe.opt, betas=recipe.betas,
                   schedule=recipe.schedule, label_smoothing=recipe.label_smoothing, epochs=recipe.epochs,
                   normalize=recipe.norm,  # a recipe normalizes per dataset, not per model

@@ -261,14 +261,17 @@ def evaluate_checkpoint(checkpoint: str | pathlib.Path, *, dataset: str | None =
     loaded.model = loaded.model.to(torch_device)
     if use_channels_last:
         loaded.model = loaded.model.to(memory_format=torch.channels_last)
-    if input_channels(loaded.model) != 1:
-        raise FastcnnError(f"checkpoint {checkpoint}: only 1-channel models can be evaluated on MNIST-style data")
 
     name = dataset or run_dataset
     subset = cfg.get("test_subset") if test_subset is None else (test_subset or None)
+    # The test split in the shape the model was trained on: an image folder is decoded to it, another dataset
+    # converted to it (and said so).
+    channels, height, width = (int(v) for v in loaded.state.get("image_shape") or (1, 28, 28))
     test_set = load_dataset(name, False, root=data_dir or cfg.get("data_dir"),
                             download=bool(cfg.get("download", True)) if download is None else download,
-                            synthetic_size=synthetic_size, seed=seed).subset(subset)
+                            synthetic_size=synthetic_size, seed=seed, channels=channels, image_size=(height, width),
+                            subset=subset)
+    notes.extend(test_set.notes)
     classes = list(test_set.classes)
     if len(classes) != count_outputs(loaded.model):
         raise FastcnnError(f"model {loaded.name} predicts {count_outputs(loaded.model)} classes but {name} has "

@@ -1,11 +1,20 @@
 """``fastcnn predict CKPT IMAGE...``: classify image files with a trained run.
 
-Images of any size and mode are brought to what the model saw in training, following MNIST's own
-preprocessing: grayscale; polarity made "bright object on a dark background" (``--invert auto`` inverts a
-dark drawing on light paper, judged by the border pixels); background subtracted and contrast stretched;
-cropped to the object's bounding box; resized (antialiased, aspect ratio kept) to fit a 20x20 box; placed in a
-28x28 field so that its intensity center of mass sits at the center. The uint8 result is normalized with the
-run's mean/std by ``normalize_uint8``, exactly as training normalized its batches.
+Each image is prepared the way the run's training images were (``--fit auto``):
+
+- ``resize`` (every run but MNIST's: Fashion-MNIST, CIFAR-10, image folders, synthetic): converted to the
+  training channels (RGB to grayscale with PIL's ITU-R 601-2 weights, grayscale to RGB by repeating the
+  channel; alpha dropped, as the image folder decoder drops it) and resized to the training size (bilinear,
+  antialiased when shrinking, aspect ratio not kept), as ``--dataset imagefolder`` decodes a folder's images.
+  An image already of the training shape is used as it is. A conversion is reported (``notes``).
+- ``digit`` (runs trained on MNIST, or ``--fit digit``): MNIST's own preprocessing: grayscale; polarity made
+  "bright object on a dark background" (``--invert auto`` inverts a dark drawing on light paper, judged by the
+  border pixels); background subtracted and contrast stretched; cropped to the object's bounding box; resized
+  (antialiased, aspect ratio kept) to fit a 20x20 box; placed in a 28x28 field so that its intensity center of
+  mass sits at the center.
+
+The uint8 result is normalized with the run's mean/std by ``normalize_uint8``, exactly as training normalized its
+batches.
 """
 
 from __future__ import annotations
@@ -23,6 +32,9 @@ from fastcnn.errors import FastcnnError, UsageError
 FIELD = 28  # MNIST image side
 BOX = 20  # MNIST digits are size-normalized to fit this box
 INVERT_CHOICES = ("auto", "yes", "no")
+FIT_CHOICES = ("auto", "digit", "resize")
+PREDICT_BATCH = 1000
+DIGIT_DATASETS = ("mnist",)  # runs whose images were made by MNIST's digit preprocessing
 # After background removal, pixels above this (of 1.0) make the object's bounding box: low enough to keep the
 # antialiased edge (MNIST's digits span exactly 20 pixels counting every non-zero one), high enough to skip noise.
 OBJECT_THRESHOLD = 0.05
@@ -153,30 +165,75 @@ def preprocess(image, *, invert: str = "auto") -> tuple[np.ndarray, bool]:
 @torch.no_grad()
 def predict_pixels(model: torch.nn.Module, pixels: torch.Tensor, *, mean, std,
                    device: torch.device) -> torch.Tensor:
-    """Class probabilities (N, classes), float32, for uint8 (N, 1, 28, 28) ``pixels`` (fp32, no autocast)."""
+    """Class probabilities (N, classes), float32, for uint8 (N, C, H, W) ``pixels`` in the model's input shape
+    (fp32, no autocast)."""
     from fastcnn.data.device_loader import as_channel_tensor, normalize_uint8
 
-    pixels = pixels.to(device)
     channels = pixels.shape[1]
     mean, std = as_channel_tensor(mean, channels, device), as_channel_tensor(std, channels, device)
-    images = normalize_uint8(pixels, mean, std)
-    return torch.softmax(model(images).float(), dim=1).cpu()
+    chunks = [torch.softmax(model(normalize_uint8(chunk.to(device), mean, std)).float(), dim=1).cpu()
+              for chunk in pixels.split(PREDICT_BATCH)]
+    return torch.cat(chunks) if chunks else torch.empty(0)
 
 
-def resize_like_imagefolder(image) -> np.ndarray:
-    """uint8 (28, 28): what ``--dataset imagefolder`` makes of an image (grayscale, linear resize)."""
+def is_color(image) -> bool:
+    """Whether a PIL image is stored in colour (RGB, RGBA, CMYK, YCbCr, a palette with colours)."""
+    from fastcnn.data.image_headers import GRAY_MODES
+
+    if image.mode in ("P", "PA"):
+        palette = image.getpalette() or []
+        return any(palette[i] != palette[i + 1] or palette[i] != palette[i + 2] for i in range(0, len(palette) - 2, 3))
+    return image.mode not in GRAY_MODES
+
+
+def resize_like_training(image, shape: tuple[int, int, int]) -> tuple[np.ndarray, list[str]]:
+    """A PIL image -> (uint8 (C, H, W) in the training ``shape``, what was converted). This is what
+    ``--dataset imagefolder`` makes of an image: alpha dropped, colour converted to ``C`` channels, resized to
+    (H, W) when it is not that size already."""
     from PIL import Image
 
-    return np.asarray(image.convert("L").resize((28, 28), Image.BILINEAR), dtype=np.uint8)
+    channels, height, width = shape
+    converted = []
+    color = is_color(image)
+    if channels == 1:
+        if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16-bit or float: scaled, not clipped
+            image = Image.fromarray(np.rint(grayscale(image) * 255).astype(np.uint8))
+        else:
+            image = image.convert("L")
+        if color:
+            converted.append("colour to grayscale")
+    else:
+        image = image.convert("RGB")
+        if not color:
+            converted.append("grayscale to RGB")
+    if image.size != (width, height):
+        converted.append(f"resized from {image.size[0]}x{image.size[1]} to {width}x{height}")
+        image = image.resize((width, height), Image.Resampling.BILINEAR)
+    pixels = np.asarray(image, dtype=np.uint8)
+    return (pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)).copy(), converted
+
+
+def choose_fit(fit: str, dataset: str | None, shape: tuple[int, int, int]) -> str:
+    """``--fit auto`` -> "digit" for runs trained on MNIST's own 1x28x28 digits, "resize" for every other run."""
+    if fit not in FIT_CHOICES:
+        raise UsageError(f"--fit must be one of {', '.join(FIT_CHOICES)}, got {fit!r}")
+    if fit == "auto":
+        fit = "digit" if dataset in DIGIT_DATASETS and tuple(shape) == (1, FIELD, FIELD) else "resize"
+    if fit == "digit" and tuple(shape) != (1, FIELD, FIELD):
+        raise UsageError(f"--fit digit makes 1x28x28 MNIST-style digits, but this model takes "
+                         f"{'x'.join(str(v) for v in shape)} images; use --fit resize")
+    return fit
 
 
 def predict_files(checkpoint: str | pathlib.Path, paths: list[str], *, top: int = 1, invert: str = "auto",
-                  device: str = "auto", kernel: str | None = None) -> list[dict]:
+                  device: str = "auto", kernel: str | None = None, fit: str = "auto") -> list[dict]:
     """Classify image files with the model in ``checkpoint``. Every file is read before any prediction, so a bad
     file fails the call (FastcnnError naming it) without output. One dict per file: path, index, class,
-    probability, inverted, and ``top`` (the ``top`` most probable classes, most probable first)."""
+    probability, inverted, fit ("digit" or "resize", see the module docstring), converted (what was done to
+    bring it to the training shape, in words), and ``top`` (the ``top`` most probable classes, most probable
+    first)."""
     from fastcnn.config import pick_device
-    from fastcnn.evaluate import count_outputs, input_channels, load_model
+    from fastcnn.evaluate import count_outputs, load_model
 
     if top < 1:
         raise UsageError(f"--top must be at least 1, got {top}")
@@ -184,8 +241,8 @@ def predict_files(checkpoint: str | pathlib.Path, paths: list[str], *, top: int 
         raise UsageError(f"--invert must be one of {', '.join(INVERT_CHOICES)}, got {invert!r}")
     torch_device = torch.device(pick_device(device))
     loaded = load_model(checkpoint, device=torch_device, kernel=kernel)
-    if input_channels(loaded.model) != 1:
-        raise FastcnnError(f"checkpoint {checkpoint}: only 1-channel (grayscale) models are supported by predict")
+    shape = tuple(int(v) for v in loaded.state.get("image_shape") or (1, FIELD, FIELD))
+    fit = choose_fit(fit, loaded.config.get("dataset"), shape)
     classes = loaded.state.get("classes") or class_names(loaded.config.get("dataset", ""),
                                                          count_outputs(loaded.model))
     if top > len(classes):
@@ -195,22 +252,39 @@ def predict_files(checkpoint: str | pathlib.Path, paths: list[str], *, top: int 
     except KeyError as err:
         raise FastcnnError(f"checkpoint {checkpoint} has an incomplete configuration (no {err})") from None
 
-    if loaded.config.get("dataset") == "imagefolder":
-        # Trained on an image folder: those images were only decoded to grayscale and resized to 28x28.
-        prepared = [(resize_like_imagefolder(open_image(path)), False) for path in paths]
-    else:
-        prepared = [preprocess(open_image(path), invert=invert) for path in paths]
+    prepared = []  # (uint8 (C, H, W), inverted, converted)
+    for path in paths:
+        image = open_image(path)
+        if fit == "digit":
+            digit, inverted = preprocess(image, invert=invert)
+            prepared.append((digit[None], inverted, []))
+        else:
+            pixels, converted = resize_like_training(image, shape)
+            prepared.append((pixels, False, converted))
     if not prepared:
         return []
-    pixels = torch.from_numpy(np.stack([pixels for pixels, _ in prepared]))[:, None]
+    pixels = torch.from_numpy(np.stack([pixels for pixels, _, _ in prepared]))
     probabilities = predict_pixels(loaded.model, pixels, mean=mean, std=std, device=torch_device)
     results = []
-    for path, (_, inverted), probs in zip(paths, prepared, probabilities, strict=True):
+    for path, (_, inverted, converted), probs in zip(paths, prepared, probabilities, strict=True):
         values, indices = probs.topk(top)
         ranked = [{"index": int(i), "class": classes[int(i)], "probability": float(v)}
                   for v, i in zip(values, indices, strict=True)]
-        results.append({"path": str(path), **ranked[0], "inverted": inverted, "top": ranked})
+        results.append({"path": str(path), **ranked[0], "inverted": inverted, "fit": fit, "converted": converted,
+                        "top": ranked})
     return results
+
+
+def conversion_notes(results: list[dict]) -> list[str]:
+    """One line per kind of channel conversion (how many images, and why): an RGB model given grayscale images
+    still predicts, but says so."""
+    counts: dict[str, int] = {}
+    for result in results:
+        for what in result.get("converted", []):
+            if not what.startswith("resized"):
+                counts[what] = counts.get(what, 0) + 1
+    return [f"{count} image{'s' if count > 1 else ''} converted from {what}: the model was trained on "
+            f"{what.split(' to ')[1]} images" for what, count in counts.items()]
 
 
 def format_line(result: dict, show_top: bool) -> str:
@@ -227,16 +301,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     p = subparsers.add_parser(
         "predict", help="classify PNG/JPEG images with a trained run",
-        description="Classify image files with a checkpoint. Each image is converted the way MNIST was made: "
-        "grayscale, bright object on dark background, fitted into a 20x20 box and centered by center of mass "
-        "in 28x28, then normalized with the run's mean/std (a run trained on --dataset imagefolder: grayscale and "
-        "resized to 28x28, as its training images were). Prints one line per image.")
+        description="Classify image files with a checkpoint. Each image is prepared the way the run's training "
+        "images were: for an MNIST run the way MNIST was made (grayscale, bright object on dark background, fitted "
+        "into a 20x20 box and centered by center of mass in 28x28); for every other run converted to the training "
+        "channels and resized to the training size. Then it is normalized with the run's mean/std. Prints one line "
+        "per image.")
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint.pt written by `fastcnn train`")
     p.add_argument("images", metavar="IMAGE", nargs="+", help="PNG or JPEG files (any size, any mode)")
     p.add_argument("--top", type=int, metavar="K", help="also show the K most probable classes")
+    p.add_argument("--fit", choices=FIT_CHOICES, default="auto",
+                   help="how to bring an image to the model's input: resize (to the training size and channels, "
+                   "as an image folder is decoded), digit (MNIST's preprocessing: 20x20 box, centre of mass, "
+                   "auto-invert), or auto: digit for runs trained on MNIST, resize for every other (default: auto)")
     p.add_argument("--invert", choices=INVERT_CHOICES, default="auto",
-                   help="make the object bright on a dark background as in MNIST: auto inverts images whose "
-                   "border is mostly bright (a dark digit on white paper) (default: auto)")
+                   help="with --fit digit: make the object bright on a dark background as in MNIST: auto inverts "
+                   "images whose border is mostly bright (a dark digit on white paper) (default: auto)")
     p.add_argument("--json", action="store_true", help="print JSON instead of lines")
     p.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda when a GPU is visible")
     p.add_argument("--kernel", choices=KERNEL_CHOICES, help="Conv-ReLU-Pool implementation (default: the run's)")
@@ -248,7 +327,9 @@ def run_command(args: argparse.Namespace, *, stream=None) -> int:
     """Entry point of ``fastcnn predict`` (args from the parser built by ``add_parser``)."""
     stream = stream or sys.stdout
     results = predict_files(args.checkpoint, args.images, top=1 if args.top is None else args.top, invert=args.invert,
-                            device=args.device, kernel=args.kernel)
+                            device=args.device, kernel=args.kernel, fit=args.fit)
+    for note in conversion_notes(results):
+        print(f"note: {note}", file=sys.stderr)
     if args.json:
         print(json.dumps(dict(checkpoint=str(args.checkpoint), predictions=results), indent=2), file=stream)
     else:

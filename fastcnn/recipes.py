@@ -5,6 +5,10 @@
   epoch, normalized data preloaded on the device; plain PyTorch, fp32, eager. The race's opponent.
 - ``speedrun``: fastcnn's own time-to-accuracy recipe (fused fastnet, fast preset). Every choice in it is
   justified by the ablation recorded in the README.
+- ``cifar10``: CIFAR-10 and other small natural colour images (``--dataset cifar10``, or an image folder such as
+  CIFAR10-images): the batch-normalized ``cifarnet``, Adam with OneCycle and label smoothing, random translation
+  and horizontal flips on the DALI loader (photos may be mirrored; digits may not), normalized with the train
+  split's own per-channel statistics. Its choices and measurements are in docs/own-images.md.
 """
 
 from __future__ import annotations
@@ -27,13 +31,16 @@ class Recipe:
     schedule: str
     label_smoothing: float
     epochs: int
-    norm: tuple[tuple[float, ...], tuple[float, ...]]
+    norm: tuple[tuple[float, ...], tuple[float, ...]] | None  # None: the train split's own mean and std
     settings: dict = field(default_factory=dict)  # TrainConfig fields the recipe fixes (preset, loader, ...)
     device_settings: dict = field(default_factory=dict)  # device type -> more TrainConfig fields there
     widths: tuple[int, int, int] | None = None  # fastnet's (conv1, conv2, hidden); None: its default
 
 
 _PUBLIC_SETTINGS = dict(preset="reference", loader="device")
+# norm None: the train split's own per-channel mean and std. Augmentation runs on the DALI loader.
+_CIFAR10 = Recipe("cifarnet", 256, 1e-2, "adam", (0.7, 0.9), "onecycle", 0.1, 6, None,
+                  settings=dict(loader="dali", augment=True, flip=True))
 
 RECIPES: dict[str, dict[str, Recipe]] = {
     "public": {
@@ -41,6 +48,10 @@ RECIPES: dict[str, dict[str, Recipe]] = {
                         _PUBLIC_SETTINGS),
         "fashion-mnist": Recipe("mnistfast", 256, 1e-2, "adam", (0.7, 0.9), "onecycle", 0.0, 1, FASHION_NORM,
                                 _PUBLIC_SETTINGS),
+    },
+    "cifar10": {
+        "cifar10": _CIFAR10,
+        "imagefolder": _CIFAR10,
     },
     "speedrun": {
         # bf16 autocast measured slower than fp32 for fastnet on the 2-core CPU (see README): off there.
@@ -51,6 +62,13 @@ RECIPES: dict[str, dict[str, Recipe]] = {
                                 device_settings={"cpu": dict(amp=False)}),
     },
 }
+
+
+def default_dataset(name: str) -> str:
+    """The dataset a recipe trains on when --dataset is not given: the first it covers."""
+    if name not in RECIPES:
+        raise UsageError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}")
+    return next(iter(RECIPES[name]))
 
 
 def get_recipe(name: str, dataset: str) -> Recipe:

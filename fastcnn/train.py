@@ -29,11 +29,12 @@ from fastcnn import env, kernel_choice
 from fastcnn.checkpoint import load_checkpoint, save_checkpoint
 from fastcnn.config import ResolvedConfig, TrainConfig, resolve
 from fastcnn.data import ImageDataset, load_dataset, make_loader
+from fastcnn.data.datasets import describe_shape
 from fastcnn.distributed import DistributedContext, per_rank_batch_size
 from fastcnn.engine import PROGRESS_REFRESH_STEPS, EpochProgress, EpochStats, Trainer, check_finite, synchronize
 from fastcnn.errors import FastcnnError, NotAvailableError, TrainingDivergedError, UsageError
 from fastcnn.kernel_choice import KernelTiming, choices_from_state, choices_to_state, measured_where
-from fastcnn.models import build_model
+from fastcnn.models import build_model, check_input_shape
 from fastcnn.report import EPOCH_COLUMNS, format_table, plot_curves, write_json, write_metrics
 
 RUN_FILES = ("summary.json", "metrics.jsonl", "checkpoint.pt", "curves.png")
@@ -178,10 +179,55 @@ def deterministic_algorithms(enabled: bool):
 
 
 def load_splits(rc: ResolvedConfig) -> tuple[ImageDataset, ImageDataset]:
+    """The run's train and test splits, in the shape it asks for (``channels`` / ``image_size``; None: the
+    dataset's own, inferred from the train split for an image folder), the test split in the train split's."""
     kwargs = dict(root=rc.data_dir, download=rc.download, synthetic_size=rc.synthetic_size, seed=rc.seed)
-    train = load_dataset(rc.dataset, True, **kwargs).subset(rc.train_subset)
-    test = load_dataset(rc.dataset, False, **kwargs).subset(rc.test_subset)
+    train = load_dataset(rc.dataset, True, channels=rc.channels, image_size=rc.image_size, subset=rc.train_subset,
+                         **kwargs)
+    channels, height, width = train.image_shape
+    test = load_dataset(rc.dataset, False, channels=channels, image_size=(height, width), subset=rc.test_subset,
+                        **kwargs)
     return train, test
+
+
+def fit_to_data(rc: ResolvedConfig, train_set: ImageDataset) -> ResolvedConfig:
+    """``rc`` with what the loaded data decides: the shape it trains on and, where the configuration leaves the
+    normalization to the data, the train split's per-channel mean and std."""
+    channels, height, width = train_set.image_shape
+    changes = dict(channels=channels, image_size=(height, width))
+    if rc.mean is None or rc.std is None:
+        mean, std = train_set.channel_stats()
+        changes.update(mean=tuple(mean), std=tuple(std))
+    return dataclasses.replace(rc, **changes)
+
+
+def describe_run(rc: ResolvedConfig, train_set: ImageDataset, test_set: ImageDataset, output, *,
+                 runs: int = 1) -> str:
+    """The run's opening line: what it trains on (dataset, counts, classes, shape, normalization) and how (model,
+    device, preset, output folder)."""
+    names = ", ".join(train_set.classes[:4]) + (", ..." if len(train_set.classes) > 4 else "")
+    source = f" {train_set.source}" if train_set.source else ""
+    shape = describe_shape(train_set.image_shape)
+
+    def values(numbers):
+        return ",".join(f"{v:.4g}" for v in numbers)
+
+    model = rc.model + (f" {'-'.join(str(w) for w in rc.widths)}" if rc.widths else "")
+    recipe = f", recipe {rc.recipe}" if rc.recipe else ""
+    repeat = f", {runs} runs (seeds {rc.seed}..{rc.seed + runs - 1})" if runs > 1 else ""
+    augment = (" | augment: translate" + (" + flip" if rc.flip else "")) if rc.augment else ""
+    return (f"training on {rc.dataset}{source}: {len(train_set):,} train / {len(test_set):,} test images, "
+            f"{train_set.num_classes} classes ({names}), {shape}, mean {values(rc.mean)} std {values(rc.std)}"
+            f"{augment} | model {model} | device {env.device_name(rc.torch_device)} | preset {rc.preset}"
+            f"{recipe}, {rc.epochs} epoch{'s' if rc.epochs != 1 else ''}{repeat} | output {output}")
+
+
+def print_opening(rc: ResolvedConfig, train_set: ImageDataset, test_set: ImageDataset, output, stream, *,
+                  runs: int = 1) -> None:
+    print(describe_run(rc, train_set, test_set, output, runs=runs), file=stream)
+    for note in dict.fromkeys([*train_set.notes, *test_set.notes]):  # in order, once each
+        print(f"note: {note}", file=stream)
+    stream.flush()
 
 
 def build_loaders(rc: ResolvedConfig, train_set: ImageDataset, test_set: ImageDataset, *, rank: int = 0,
@@ -189,7 +235,8 @@ def build_loaders(rc: ResolvedConfig, train_set: ImageDataset, test_set: ImageDa
     """Train loader (this rank's shard, its share of the global batch) and test loader (the whole test set)."""
     # The device loader can emit the autocast dtype directly: the first layer would cast it anyway.
     dtype = rc.autocast_dtype if (rc.amp and rc.loader != "torch") else torch.float32
-    options = dict(device=rc.torch_device, seed=rc.seed, mean=rc.mean, std=rc.std, dtype=dtype,
+    mean, std = (rc.mean, rc.std) if rc.mean is not None else train_set.channel_stats()
+    options = dict(device=rc.torch_device, seed=rc.seed, mean=mean, std=std, dtype=dtype,
                    channels_last=rc.channels_last)
     if rc.loader == "torch":
         options["num_workers"] = rc.num_workers
@@ -304,6 +351,8 @@ def _prepare(cfg: TrainConfig, datasets, *, several_processes: bool):
     else:
         rc = resolve(cfg)
     train_set, test_set = datasets or load_splits(rc)
+    rc = fit_to_data(rc, train_set)
+    check_input_shape(rc.model, train_set.image_shape)  # before anything is printed or written
     output = pathlib.Path(cfg.output) if cfg.output else (
         pathlib.Path(cfg.resume).parent if cfg.resume else default_output_dir(rc.model))
     check_output_dir(output, overwrite=cfg.overwrite, resume=pathlib.Path(cfg.resume) if cfg.resume else None)
@@ -328,6 +377,8 @@ def _train(cfg: TrainConfig, rc: ResolvedConfig, ctx: DistributedContext, train_
         raise NotAvailableError(f"--cuda-graph with several processes needs NCCL 2.9.6 or later to capture the "
                                 f"gradient all-reduces; this PyTorch has NCCL {torch.cuda.nccl.version()}; drop "
                                 "--cuda-graph or --nproc")
+    if main:  # under --runs, each run's stream is discarded: run_repeated says it once
+        print_opening(rc, train_set, test_set, output, stream or sys.stdout)
     trainer, train_loader, test_loader = build_trainer(rc, train_set, test_set, rank=ctx.rank,
                                                        world_size=ctx.world_size, distributed=ctx.enabled)
     history: list[dict] = []
@@ -516,6 +567,8 @@ def run_repeated(cfg: TrainConfig, *, stream=None) -> dict:
         raise UsageError(f"--output {output} already holds runs ({', '.join(taken)}); pass --overwrite or "
                          "another --output")
     datasets = load_splits(rc)
+    check_input_shape(rc.model, datasets[0].image_shape)
+    print_opening(fit_to_data(rc, datasets[0]), *datasets, output, stream, runs=cfg.runs)
     summaries = []
     for index in range(cfg.runs):
         single = dataclasses.replace(cfg, runs=1, seed=cfg.seed + index, output=str(output / f"run{index + 1}"))
@@ -601,7 +654,7 @@ def print_summary(summary: dict, history: list[dict], stream) -> None:
 def config_dict(rc: ResolvedConfig) -> dict:
     data = rc.to_dict()
     data["mean"], data["std"], data["synthetic_size"] = list(rc.mean), list(rc.std), list(rc.synthetic_size)
-    for key in ("betas", "widths"):
+    for key in ("betas", "widths", "image_size"):
         data[key] = list(data[key]) if data[key] is not None else None
     return data
 
@@ -611,9 +664,12 @@ def resume_config(state: dict, cfg: TrainConfig) -> ResolvedConfig:
     saved = dict(state["config"])
     saved["mean"], saved["std"] = tuple(saved["mean"]), tuple(saved["std"])
     saved["synthetic_size"] = tuple(saved["synthetic_size"])
-    for key in ("betas", "widths"):
+    for key in ("betas", "widths", "image_size"):
         if saved.get(key) is not None:
             saved[key] = tuple(saved[key])
+    if "image_size" not in saved:  # from before shapes were recorded: every dataset was decoded to 1x28x28
+        image_shape = state.get("image_shape") or (1, 28, 28)
+        saved["channels"], saved["image_size"] = int(image_shape[0]), tuple(int(v) for v in image_shape[1:])
     if cfg.epochs is not None:
         if cfg.epochs < 1:
             raise UsageError(f"--epochs must be at least 1, got {cfg.epochs}")

@@ -193,3 +193,121 @@ def test_bad_checkpoint_and_arguments(bad_files, checkpoint, tmp_path, capsys):
     code, _, err = run_predict([str(checkpoint), str(bad_files["good"]), "--invert", "maybe"], capsys)
     assert code == 2
     assert_one_line_error(err, "--invert")
+
+
+# --- every other run: images are prepared the way its training images were (resize to its shape) ---------------
+
+
+def own_predictions(checkpoint, pixels: torch.Tensor) -> list[int]:
+    """The model's own predictions on uint8 (N, C, H, W) tensors, normalized as in training (fp32)."""
+    from fastcnn.data.device_loader import as_channel_tensor, normalize_uint8
+    from fastcnn.evaluate import load_model
+
+    loaded = load_model(checkpoint)
+    channels = pixels.shape[1]
+    mean = as_channel_tensor(loaded.config["mean"], channels, "cpu")
+    std = as_channel_tensor(loaded.config["std"], channels, "cpu")
+    with torch.no_grad():
+        return loaded.model(normalize_uint8(pixels, mean, std)).argmax(1).tolist()
+
+
+def export(images: torch.Tensor, folder, suffix=".png") -> list[str]:
+    """uint8 (N, C, H, W) tensors saved as image files (lossless PNG by default)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, pixels in enumerate(images):
+        array = pixels[0].numpy() if pixels.shape[0] == 1 else pixels.permute(1, 2, 0).numpy()
+        paths.append(str(folder / f"{index:03d}{suffix}"))
+        Image.fromarray(array).save(paths[-1])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def fashion_checkpoint(data_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("predict-fashion") / "run"
+    assert main(["train", "--dataset", "fashion-mnist", "--model", "lenet", "--data-dir", str(data_root),
+                 "--no-download", "--no-progress", "--train-subset", "3000", "--test-subset", "100",
+                 "--output", str(out)]) == 0
+    return out / "checkpoint.pt"
+
+
+def test_fashion_mnist_pngs_are_predicted_as_the_model_predicts_the_test_tensors(data_root, fashion_checkpoint,
+                                                                                 tmp_path):
+    test = load_dataset("fashion-mnist", False, root=data_root, download=False).subset(60)
+    paths = export(test.images, tmp_path)
+    results = predict.predict_files(fashion_checkpoint, paths)
+    assert [r["index"] for r in results] == own_predictions(fashion_checkpoint, test.images)
+    assert all(r["fit"] == "resize" and r["converted"] == [] and not r["inverted"] for r in results)
+    right = sum(r["index"] == int(label) for r, label in zip(results, test.labels, strict=True))
+    assert right >= 0.5 * len(test)  # a 3000-image, 1-epoch LeNet: about 65% (chance: 10%)
+    digit = predict.predict_files(fashion_checkpoint, paths, fit="digit")  # what predict did before: worse
+    assert all(r["fit"] == "digit" for r in digit)
+
+
+@pytest.fixture(scope="module")
+def colour_run(tmp_path_factory):
+    """A run on a generated RGB folder (3 classes told apart by colour, 24x20 images): (checkpoint, test split)."""
+    from fastcnn.data.imagefolder import load_imagefolder
+
+    root = tmp_path_factory.mktemp("colours")
+    rng = np.random.default_rng(0)
+    colours = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 60, 230)}
+    for name, colour in colours.items():
+        (root / name).mkdir()
+        for i in range(60):
+            pixels = (np.array(colour) + rng.integers(-40, 41, (24, 20, 3))).clip(0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    out = root.parent / f"{root.name}-run"
+    assert main(["train", "--dataset", "imagefolder", "--data-dir", str(root), "--no-progress", "--epochs", "2",
+                 "--output", str(out)]) == 0
+    return out / "checkpoint.pt", load_imagefolder(root, False)
+
+
+def test_images_exported_from_an_rgb_runs_test_split_are_predicted_as_the_model_predicts_them(colour_run,
+                                                                                              tmp_path, capsys):
+    checkpoint, test = colour_run
+    assert test.images.shape[1:] == (3, 24, 20)
+    paths = export(test.images, tmp_path / "png")
+    expected = own_predictions(checkpoint, test.images)
+    code, out, err = run_predict([str(checkpoint), *paths, "--json"], capsys)
+    assert code == 0 and err == "", err
+    results = json.loads(out)["predictions"]
+    assert [r["index"] for r in results] == expected and [r["class"] for r in results][:1] == [test.classes[
+        expected[0]]]
+    assert sum(r["index"] == int(label) for r, label in zip(results, test.labels, strict=True)) >= 0.9 * len(test)
+
+
+def test_an_rgb_model_given_grayscale_or_other_sizes_converts_and_says_so(colour_run, tmp_path, capsys):
+    checkpoint, test = colour_run
+    gray = [Image.fromarray(p.permute(1, 2, 0).numpy()).convert("L") for p in test.images[:3]]
+    paths = []
+    for index, image in enumerate(gray):
+        paths.append(str(tmp_path / f"gray{index}.png"))
+        image.save(paths[-1])
+    big = str(tmp_path / "big.jpg")
+    Image.fromarray(test.images[0].permute(1, 2, 0).numpy()).resize((48, 40)).save(big)
+    code, out, err = run_predict([str(checkpoint), *paths, big], capsys)
+    assert code == 0 and len(out.splitlines()) == 4
+    assert err == ("note: 3 images converted from grayscale to RGB: the model was trained on RGB images"), err
+    results = predict.predict_files(checkpoint, [*paths, big])
+    assert results[0]["converted"] == ["grayscale to RGB"] and results[3]["converted"] == [
+        "resized from 48x40 to 20x24"]
+    code, _, err = run_predict([str(checkpoint), big, "--fit", "digit"], capsys)
+    assert code == 2
+    assert_one_line_error(err, "--fit digit makes 1x28x28", "3x24x20", "--fit resize")
+
+
+def test_resize_like_training_converts_every_mode():
+    rgb = Image.fromarray(np.random.default_rng(1).integers(0, 256, (10, 12, 3), dtype=np.uint8))
+    pixels, converted = predict.resize_like_training(rgb, (1, 10, 12))
+    assert pixels.shape == (1, 10, 12) and converted == ["colour to grayscale"]
+    assert np.array_equal(pixels[0], np.asarray(rgb.convert("L")))
+    rgba = rgb.convert("RGBA")
+    pixels, converted = predict.resize_like_training(rgba, (3, 10, 12))
+    assert converted == [] and np.array_equal(pixels, np.asarray(rgb).transpose(2, 0, 1))  # alpha dropped
+    palette = rgb.convert("P")
+    pixels, _ = predict.resize_like_training(palette, (3, 5, 6))
+    assert pixels.shape == (3, 5, 6)
+    deep = Image.fromarray(np.arange(120, dtype=np.uint16).reshape(10, 12) * 500)
+    pixels, converted = predict.resize_like_training(deep, (1, 10, 12))
+    assert converted == [] and pixels.max() > 200  # 16-bit is scaled to 8 bits, not clipped
