@@ -96,7 +96,7 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                    help="download a missing dataset when the network allows (default: on)")
     g.add_argument("--widths", type=int_triple, metavar="C1,C2,H", help="fastnet's widths: conv1 and conv2 "
-                   "channels, hidden units (default: the recipe's)")
+                   "channels, hidden units; cifarnet's: its three conv widths (default: the recipe's)")
     g.add_argument("--train-subset", type=int, metavar="N", help="use only the first N training images")
     g.add_argument("--test-subset", type=int, metavar="N", help="use only the first N test images")
     g.add_argument("--synthetic-size", type=positive_pair, default=(60_000, 10_000), metavar="TRAIN,TEST",
