@@ -6,8 +6,9 @@ Presets:
   model class, eager fp32, contiguous NCHW.
 - ``fast``: what measurably helps on the device. CPU (2 cores, measured in DESIGN.md and the README): device-
   resident data, channels-last, bf16 autocast, the fused optimizer, and the fused op's native CPU kernel
-  (``kernel="auto"``: where measured faster, by default where it is built); torch.compile stays off there because
-  it was slower. CUDA: the same plus torch.compile, the fused Triton kernel (``kernel="auto"``: where measured faster) and
+  (``kernel="auto"``: where measured faster, by default where it is built); torch.compile stays off there
+  because it was slower. CUDA: the same plus torch.compile, the fused Triton kernel (``kernel="auto"``: where
+  measured faster) and
   whole-step CUDA graphs, unless the run asks for something a graph cannot capture (float16, SGD, a compile mode
   with graphs of its own): then the preset leaves graphs off, where an explicit ``--cuda-graph`` would be refused.
 Explicit flags always override the preset.
