@@ -54,12 +54,12 @@ RECIPES: dict[str, dict[str, Recipe]] = {
         "imagefolder": _CIFAR10,
     },
     "speedrun": {
-        # bf16 autocast measured slower than fp32 for fastnet on the 2-core CPU (see README): off there.
-        "mnist": Recipe("fastnet", 256, 1e-2, "adam", (0.7, 0.9), "onecycle", 0.1, 1, MNIST_NORM,
-                        device_settings={"cpu": dict(amp=False)}),
+        # The fast preset's bf16 autocast on every device: with the native CPU kernel it is faster than fp32 on the
+        # 2-core CPU too (3 runs each, alternating: MNIST 1.29 and 1.27 s vs 1.62 and 1.49 s, 99.21% vs 99.17%;
+        # Fashion-MNIST 4.74 vs 5.94 s, 91.14% vs 91.07%). Before that kernel, fp32 was faster there.
+        "mnist": Recipe("fastnet", 256, 1e-2, "adam", (0.7, 0.9), "onecycle", 0.1, 1, MNIST_NORM),
         # Fashion-MNIST needs 4 epochs of the same network to pass 91% (3 gave 90.7-91.0%, see README).
-        "fashion-mnist": Recipe("fastnet", 256, 1e-2, "adam", (0.7, 0.9), "onecycle", 0.1, 4, FASHION_NORM,
-                                device_settings={"cpu": dict(amp=False)}),
+        "fashion-mnist": Recipe("fastnet", 256, 1e-2, "adam", (0.7, 0.9), "onecycle", 0.1, 4, FASHION_NORM),
     },
 }
 
