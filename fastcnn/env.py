@@ -79,7 +79,7 @@ def features() -> dict[str, tuple[bool, str]]:
         found["fused Triton kernel"] = (False, "needs a CUDA GPU" + (
             "; TRITON_INTERPRET=1 runs it on this CPU under the interpreter, for tests" if ops.INTERPRET_ON_CPU
             else ""))
-    found["native CPU kernel"] = (ops.NATIVE_ON_CPU, ops.native_kernel_status())
+    found["native CPU kernel"] = (ops.native_runs_on_cpu(), ops.native_kernel_status())
     found["DALI loader"] = dali_status()
     found["CUDA graphs"] = (False, "needs a CUDA GPU") if not cuda else (
         True, "--cuda-graph (off by default: not yet measured on a GPU)")

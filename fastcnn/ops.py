@@ -143,6 +143,8 @@ def native_kernel_status() -> str:
     does (the op then runs the plain PyTorch chain there)."""
     if not NATIVE_ON_CPU:
         return f"{_native.STATUS}; the fused op runs the plain PyTorch chain on CPUs"
+    if INTERPRET_ON_CPU:
+        return f"{_native.STATUS}, not used: TRITON_INTERPRET=1 runs the fused op under the Triton interpreter"
     return (f"{_native.STATUS}, {torch.get_num_threads()} threads: runs the fused op on CPUs "
             "(float32, bfloat16; float16 takes the plain chain)")
 
@@ -157,7 +159,7 @@ def fused_kernel_status(device: torch.device | str) -> tuple[bool, str]:
     if device.type == "cpu":
         if INTERPRET_ON_CPU and _TRITON_ERROR is None:
             return True, "Triton interpreter on CPU (TRITON_INTERPRET=1): exact but very slow, for tests"
-        if NATIVE_ON_CPU:
+        if native_runs_on_cpu():
             return True, f"{_native.STATUS}; float16 runs the plain PyTorch chain"
         return False, f"{_native.STATUS}; the op runs plain PyTorch ops"
     if _TRITON_ERROR is not None:

@@ -444,11 +444,11 @@ int fastcnn_cpu_backward_input(const void *grad, const int64_t *gs, const uint8_
                                int64_t pad, int dtype, int threads) {
     const int64_t hp = (h + 2 * pad - k + 1) / 2, wp = (w + 2 * pad - k + 1) / 2;
     const int64_t ci_pad = round_up(c_in, CI_BLOCK);
-    /* A patch row (k pixels x ci_pad channels) padded to whole PIECEs with zero weights: the padding adds zeros
-     * to the pixels right of the patch, which the image's extra columns (slack) keep inside its row. */
+    /* A patch row (k pixels x ci_pad channels) padded to whole PIECEs with zero weights, so that every piece is
+     * summed with whole vectors; only the row's own floats are added to the image (a non-finite g times a zero
+     * weight is NaN, which must not reach the pixels right of the patch). */
     const int64_t row = k * ci_pad, row_pad = round_up(row, PIECE);
-    const int64_t slack = (row_pad - row + ci_pad - 1) / ci_pad;
-    const int64_t hh = h + 2 * pad, ww = w + 2 * pad + slack;
+    const int64_t hh = h + 2 * pad, ww = w + 2 * pad;
     if (n_batch <= 0) return 0;
     /* packed[(co * k + ky) * row_pad + kx * ci_pad + ci] */
     float *packed = alloc_floats(c_out * k * row_pad);
@@ -522,10 +522,17 @@ int fastcnn_cpu_backward_input(const void *grad, const int64_t *gs, const uint8_
                                     a2 += ga * *(const v8u *)(wa + 16);
                                     a3 += ga * *(const v8u *)(wa + 24);
                                 }
-                                *(v8u *)(dst + p0) += a0 + b0;
-                                *(v8u *)(dst + p0 + 8) += a1 + b1;
-                                *(v8u *)(dst + p0 + 16) += a2 + b2;
-                                *(v8u *)(dst + p0 + 24) += a3 + b3;
+                                if (p0 + PIECE <= row) {
+                                    *(v8u *)(dst + p0) += a0 + b0;
+                                    *(v8u *)(dst + p0 + 8) += a1 + b1;
+                                    *(v8u *)(dst + p0 + 16) += a2 + b2;
+                                    *(v8u *)(dst + p0 + 24) += a3 + b3;
+                                } else { /* the row's last, partial piece */
+                                    const v8 sums[4] = {a0 + b0, a1 + b1, a2 + b2, a3 + b3};
+                                    float lanes[PIECE];
+                                    memcpy(lanes, sums, sizeof lanes);
+                                    for (int64_t i2 = 0; i2 < row - p0; i2++) dst[p0 + i2] += lanes[i2];
+                                }
                             }
                         }
                     }

@@ -292,3 +292,17 @@ def test_ctypes_signatures_cover_every_exported_kernel():
     for name in native._SIGNATURES:
         fn = getattr(native.LIBRARY, name)
         assert fn.restype is ctypes.c_int and len(fn.argtypes) in (17, 18)
+
+
+@needs_native
+def test_a_non_finite_gradient_reaches_only_the_patch_it_belongs_to():
+    # grad_input sums whole vectors of zero-padded weights: inf * 0 must not spill NaN right of the k x k patch.
+    x = torch.zeros(1, 1, 12, 12, requires_grad=True)
+    wt = torch.ones(1, 1, 5, 5, requires_grad=True)
+    b = torch.ones(1, requires_grad=True)  # every window passes
+    grad = torch.zeros(1, 1, 4, 4)
+    grad[0, 0, 0, 0] = float("inf")
+    _, grads = forward_backward(conv_relu_pool, x, wt, b, 0, grad)
+    _, ref_grads = forward_backward(conv_relu_pool_reference, x, wt, b, 0, grad)
+    torch.testing.assert_close(grads["x"], ref_grads["x"], equal_nan=True)
+    assert not grads["x"][0, 0, :, 5:].isnan().any()
