@@ -11,8 +11,9 @@ which, per step:
   ``wall_us``, the step's wall-clock time under the profiler: busy close to wall means the GPU sets the pace;
 - ``top``: the kernels that took the most device time.
 
-On a CPU there is no separate device: ``device_kernels`` counts the aten operators called (those that other
-operators call included) and ``top`` ranks them by their own CPU time (their callees' excluded); the host and busy
+On a CPU there is no separate device: ``device_kernels`` counts the aten and fastcnn operators called (those that
+other operators call included; the native kernels are the ``fastcnn::native_cpu_*`` ones) and ``top`` ranks them by
+their own CPU time (their callees' excluded); the host and busy
 figures are left out. The profiler adds overhead to every call, so
 ``wall_us`` is slower than an unprofiled step: compare it with the kernels' figures, not with the timed results.
 
@@ -103,7 +104,8 @@ def summarize(events, steps: int, wall_seconds: float, device: torch.device) -> 
         durations = [(event.name, event.time_range.end - event.time_range.start) for event in kernels]
         figures = dict(host_launches=launches / steps, device_busy_us=union_length(spans) / steps)
     else:
-        kernels = [event for event in events if event.device_type == DeviceType.CPU and event.name.startswith("aten::")]
+        kernels = [event for event in events if event.device_type == DeviceType.CPU
+                   and event.name.startswith(("aten::", "fastcnn::"))]
         durations = [(event.name, event.self_cpu_time_total) for event in kernels]  # self: children not twice
         figures = dict(host_launches=None, device_busy_us=None)
     figures = dict(steps=steps, device_kernels=len(kernels) / steps, wall_us=1e6 * wall_seconds / steps, **figures,

@@ -118,3 +118,18 @@ def test_a_failed_profile_keeps_the_timing_and_says_why(tmp_path, capsys, monkey
     assert code == 0 and row["images_per_second"] > 0 and "profile" not in row
     assert row["profile_error"] == "RuntimeError: CUPTI_ERROR_NOT_INITIALIZED"
     assert "profile device failed: RuntimeError" in capsys.readouterr().out
+
+
+def test_a_cpu_profile_shows_the_native_kernels(monkeypatch):
+    from fastcnn.kernels import conv_relu_pool_cpu
+
+    from fastcnn import ops
+
+    if conv_relu_pool_cpu.LIBRARY is None:
+        pytest.skip(conv_relu_pool_cpu.STATUS)
+    monkeypatch.setattr(ops, "INTERPRET_ON_CPU", False)
+    torch.manual_seed(0)
+    loader = DeviceLoader(synthetic_dataset(200, seed=0), 32, seed=0)
+    trainer = Trainer(SimpleCNN(kernel="triton"), device=torch.device("cpu"))
+    names = {kernel["name"] for kernel in profile_training(trainer, loader, steps=3)["top"]}
+    assert {"fastcnn::native_cpu_forward", "fastcnn::native_cpu_backward_weight"} & names, names
