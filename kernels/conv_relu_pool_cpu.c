@@ -294,8 +294,8 @@ int fastcnn_cpu_forward(const void *x, const int64_t *xs, const void *weight, co
 static inline __attribute__((always_inline)) void weight_grad_taps(
     const int taps, const int64_t used, const float *tile, const int64_t *tap_offset, const v16 *gbuf,
     const int64_t *columns, int64_t live, int64_t tw, float *acc_out, int64_t co_pad) {
-    v16 acc[TAP_BLOCK];
-    int64_t off[TAP_BLOCK];
+    v16 acc[12]; /* the largest block size any call site passes */
+    int64_t off[12];
 #pragma GCC unroll 16
     for (int t = 0; t < taps; t++) {
         acc[t] = (v16){0};
@@ -399,9 +399,15 @@ int fastcnn_cpu_backward_weight(const void *grad, const int64_t *gs, const uint8
                     for (; t0 + TAP_BLOCK <= taps; t0 += TAP_BLOCK)
                         weight_grad_taps(TAP_BLOCK, TAP_BLOCK, tile, tap_offset + t0, gbuf, columns, live, tw,
                                          acc_b + t0 * co_pad, co_pad);
-                    if (t0 < taps)
-                        weight_grad_taps(TAP_BLOCK, taps - t0, tile, tap_offset + t0, gbuf, columns, live, tw,
-                                         acc_b + t0 * co_pad, co_pad);
+                    /* The rest in a block of its own size, rounded up to a multiple of 3 (k = 3 layers' taps). */
+                    const int64_t rest = taps - t0;
+#define TAIL(size)                                                                                              \
+    weight_grad_taps(size, rest, tile, tap_offset + t0, gbuf, columns, live, tw, acc_b + t0 * co_pad, co_pad)
+                    if (rest > 9) TAIL(TAP_BLOCK);
+                    else if (rest > 6) TAIL(9);
+                    else if (rest > 3) TAIL(6);
+                    else if (rest > 0) TAIL(3);
+#undef TAIL
                 }
             }
             free(gbuf);
