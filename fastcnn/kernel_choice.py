@@ -25,7 +25,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from fastcnn.ops import conv_pool_relu, conv_relu_pool, is_channels_last
+from fastcnn.kernels.layout import is_channels_last
+from fastcnn.ops import conv_pool_relu, conv_relu_pool
 
 CANDIDATES = {"triton": conv_relu_pool, "torch": conv_pool_relu}
 

@@ -55,6 +55,7 @@ except (ImportError, RuntimeError) as err:
     _TRITON_ERROR = f"{type(err).__name__}: {err}"
 
 from fastcnn.kernels import conv_relu_pool_cpu as _native
+from fastcnn.kernels.layout import memory_format_of, pooled_size
 
 __all__ = ["conv_relu_pool", "conv_relu_pool_reference", "fused_kernel_status", "native_runs_on_cpu",
            "INTERPRET_ON_CPU", "NATIVE_ON_CPU"]
@@ -92,19 +93,6 @@ def conv_pool_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 # --------------------------------------------------------------------------------------------- helpers
-
-
-def is_channels_last(x: torch.Tensor) -> bool:
-    # Same rule as the kernels' launchers; strides tell the layouts apart even when C == 1.
-    return x.stride(1) == 1 and x.stride(3) == x.shape[1] and x.stride(2) == x.shape[1] * x.shape[3]
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
-
-
-def _pooled_size(h: int, w: int, ksize: int, padding: int) -> tuple[int, int]:
-    return (h + 2 * padding - ksize + 1) // 2, (w + 2 * padding - ksize + 1) // 2
 
 
 def _copy_as(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
@@ -185,7 +173,7 @@ def _aten_forward(x, weight, bias, padding):
     wo = y.shape[3]
     position = (flat // wo % 2) * 2 + (flat % wo) % 2  # row-major position in the 2x2 window
     passes = torch.where(pooled <= 0, 0, 4)  # threshold_backward's rule
-    fmt = _memory_format(x)
+    fmt = memory_format_of(x)
     return _copy_as(pooled, fmt), _copy_as((position + passes).to(torch.uint8), fmt)
 
 
@@ -222,9 +210,9 @@ def _conv_relu_pool_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 @_conv_relu_pool_op.register_fake
 def _conv_relu_pool_fake(x, weight, bias, padding):
-    hp, wp = _pooled_size(x.shape[2], x.shape[3], weight.shape[2], padding)
+    hp, wp = pooled_size(x.shape[2], x.shape[3], weight.shape[2], padding)
     shape = (x.shape[0], weight.shape[0], hp, wp)
-    fmt = _memory_format(x)
+    fmt = memory_format_of(x)
     return (torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt),
             torch.empty(shape, dtype=torch.uint8, device=x.device, memory_format=fmt))
 
@@ -238,12 +226,12 @@ def _backward_input_op(grad_out: torch.Tensor, code: torch.Tensor, x: torch.Tens
     if _runs_native(x):
         return torch.ops.fastcnn.native_cpu_backward_input(grad_out, code, x, weight, padding)
     grad_x = _aten_backward(grad_out, code, x, weight, padding, [True, False, False])[0]
-    return _copy_as(grad_x, _memory_format(x))
+    return _copy_as(grad_x, memory_format_of(x))
 
 
 @_backward_input_op.register_fake
 def _backward_input_fake(grad_out, code, x, weight, padding):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
 
 
 @torch.library.triton_op("fastcnn::conv_relu_pool_backward_weight", mutates_args=())
@@ -339,7 +327,7 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise ValueError(f"bias must have shape ({c_out},); got {tuple(bias.shape)}")
     if weight.device != x.device or (bias is not None and bias.device != x.device):
         raise ValueError("input, weight and bias must be on the same device")
-    hp, wp = _pooled_size(x.shape[2], x.shape[3], kh, padding)
+    hp, wp = pooled_size(x.shape[2], x.shape[3], kh, padding)
     if hp < 1 or wp < 1:
         raise ValueError(f"input {x.shape[2]}x{x.shape[3]} with kernel {kh} and padding {padding} leaves a "
                          f"{hp}x{wp} pooled output; it must be at least 1x1")

@@ -37,6 +37,7 @@ from collections.abc import Callable
 import torch
 import triton
 import triton.language as tl
+from fastcnn.kernels.layout import is_channels_last, memory_format_of, pooled_size
 
 # Under TRITON_INTERPRET=1 every program runs in Python on numpy: one small config keeps autotuning from
 # multiplying test time (the autotuner does not benchmark when there is only one config).
@@ -365,22 +366,6 @@ def conv_relu_pool_bwd_input_kernel(
 
 
 # --------------------------------------------------------------------------------------------- launchers
-
-
-def is_channels_last(x: torch.Tensor) -> bool:
-    """Whether ``x`` (N, C, H, W) is densely channels-last (strides tell it from NCHW even for C == 1)."""
-    c, w = x.shape[1], x.shape[3]
-    return x.stride(1) == 1 and x.stride(3) == c and x.stride(2) == c * w
-
-
-def memory_format_of(x: torch.Tensor) -> torch.memory_format:
-    """The layout the op gives its outputs: channels-last when the input is, NCHW otherwise."""
-    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
-
-
-def pooled_size(h: int, w: int, ksize: int, padding: int) -> tuple[int, int]:
-    """(HP, WP): the floor-mode 2x2 pool of the stride-1 convolution output."""
-    return (h + 2 * padding - ksize + 1) // 2, (w + 2 * padding - ksize + 1) // 2
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -22,6 +22,7 @@ import pathlib
 import platform
 
 import torch
+from fastcnn.kernels.layout import memory_format_of, pooled_size
 
 ABI = 1  # FASTCNN_CPU_ABI in the C source: a stale build from an older source is not loaded
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
@@ -101,19 +102,6 @@ def _strides(t: torch.Tensor):
 def _check(rc: int, what: str) -> None:
     if rc != 0:
         raise MemoryError(f"fastcnn native CPU kernel ({what}): out of memory for its work buffers")
-
-
-def is_channels_last(x: torch.Tensor) -> bool:
-    c, w = x.shape[1], x.shape[3]
-    return x.stride(1) == 1 and x.stride(3) == c and x.stride(2) == c * w
-
-
-def memory_format_of(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
-
-
-def pooled_size(h: int, w: int, ksize: int, padding: int) -> tuple[int, int]:
-    return (h + 2 * padding - ksize + 1) // 2, (w + 2 * padding - ksize + 1) // 2
 
 
 def conv_relu_pool_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 from fastcnn.kernels import conv_relu_pool_cpu as native
-from test_conv_relu_pool import assert_close, forward_backward, make_inputs
+from test_conv_relu_pool import assert_close, check_against_reference, forward_backward, make_inputs
 from torch import nn
 
 import fastcnn.ops as ops
@@ -44,26 +44,6 @@ def test_the_native_kernel_is_built_and_loaded():
     assert isa == {"avx512": "avx512", "avx2": "avx2"}.get(native.build_names()[0], isa)
 
 
-def run_case(n, c_in, c_out, h, w, k, padding, *, dtype, channels_last, data, x_grad=True, bias=True):
-    x, wt, b, draw_grad = make_inputs(n, c_in, c_out, h, w, k, dtype=dtype, channels_last=channels_last,
-                                      data=data, x_grad=x_grad, bias=bias)
-    with torch.no_grad():
-        shape = conv_relu_pool_reference(x, wt, b, padding).shape
-    grad = draw_grad(shape)
-    out, grads = forward_backward(conv_relu_pool, x, wt, b, padding, grad)
-    ref, ref_grads = forward_backward(conv_relu_pool_reference, x, wt, b, padding, grad)
-    assert out.shape == ref.shape and out.dtype == ref.dtype
-    dense_cl = channels_last and c_in > 1
-    assert out.is_contiguous(memory_format=torch.channels_last if dense_cl else torch.contiguous_format)
-    assert grads.keys() == ref_grads.keys()
-    assert_close(out, ref, dtype, "output")
-    for name in grads:
-        assert grads[name].dtype == ref_grads[name].dtype
-        assert grads[name].stride() == ref_grads[name].stride() or name != "x", "grad x layout"
-        assert_close(grads[name], ref_grads[name], dtype, f"grad {name}")
-    return out, grads
-
-
 # Every kernel size with every padding it allows, input channels 1..16, output channels on both sides of the
 # 16-channel vector block, batch 1 and 3, odd and even sizes.
 SWEEP = [
@@ -80,15 +60,15 @@ SWEEP = [
 @pytest.mark.parametrize("shape", SWEEP, ids=lambda s: "n{}_ci{}_co{}_{}x{}_k{}_p{}".format(*s))
 def test_sweep_matches_reference(shape, dtype, channels_last):
     # bf16 on grid data: exact products, so both sides round the same values and route ties the same way.
-    run_case(*shape, dtype=dtype, channels_last=channels_last,
+    check_against_reference(*shape, dtype=dtype, channels_last=channels_last,
              data="randn" if dtype == torch.float32 else "grid")
 
 
 @needs_native
 @pytest.mark.parametrize("n", [1, 256], ids=["batch1", "batch256"])
 def test_tutorial_layers_tiny_and_large_batches(n):
-    run_case(n, 1, 32, 28, 28, 3, 0, dtype=torch.float32, channels_last=True, data="randn", x_grad=False)
-    run_case(n, 6, 12, 12, 12, 5, 0, dtype=torch.bfloat16, channels_last=True, data="grid")
+    check_against_reference(n, 1, 32, 28, 28, 3, 0, dtype=torch.float32, channels_last=True, data="randn", x_grad=False)
+    check_against_reference(n, 6, 12, 12, 12, 5, 0, dtype=torch.bfloat16, channels_last=True, data="grid")
 
 
 @needs_native
@@ -148,8 +128,8 @@ def test_every_instruction_set_build_computes_the_same(build, monkeypatch):
     lib, status = native.load_library(path)
     assert lib is not None, status
     monkeypatch.setattr(native, "LIBRARY", lib)
-    run_case(3, 5, 17, 10, 9, 3, 1, dtype=torch.float32, channels_last=True, data="randn")
-    run_case(2, 8, 33, 9, 12, 5, 2, dtype=torch.bfloat16, channels_last=False, data="grid")
+    check_against_reference(3, 5, 17, 10, 9, 3, 1, dtype=torch.float32, channels_last=True, data="randn")
+    check_against_reference(2, 8, 33, 9, 12, 5, 2, dtype=torch.bfloat16, channels_last=False, data="grid")
 
 
 def test_one_openmp_runtime_in_the_process():
