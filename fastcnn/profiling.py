@@ -27,7 +27,10 @@ a process of its own, apart from the timed runs.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
+import sys
 import time
 from collections import defaultdict
 
@@ -76,13 +79,17 @@ def profile_training(trainer, loader, steps: int) -> dict:
 
     def on_batch(progress) -> None:
         seen["batches"] = progress.batches
-        if progress.batches in (1, steps + 1):  # the window's edges: after the first step and after the last
+        edge = progress.batches in (1, steps + 1)  # the window's edges: after the first step and after the last
+        if edge:
             synchronize(device)
             clock[progress.batches] = time.perf_counter()
-        prof.step()
+        # At the edges the schedule starts and stops the trace: kineto's own lines go to /dev/null (_kineto_quiet).
+        with _stderr_to_devnull() if edge else contextlib.nullcontext():
+            prof.step()
 
     # The first step runs under the profiler's warm-up (traced, then dropped); the next `steps` are recorded.
-    with profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=steps, repeat=1)) as prof:
+    with _kineto_quiet(profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=steps,
+                                                                       repeat=1))) as prof:
         trainer.train_epoch(FirstBatches(loader, steps + 1), on_batch=on_batch, check_loss=False)
         if seen["batches"] <= steps:  # a shorter epoch: the window closes with it
             synchronize(device)
@@ -91,6 +98,35 @@ def profile_training(trainer, loader, steps: int) -> dict:
     if ran < 1:
         raise ValueError("the epoch has fewer than 2 batches: nothing to profile after its first step")
     return summarize(prof.events(), ran, clock[steps + 1] - clock[1], device)
+
+
+@contextlib.contextmanager
+def _kineto_quiet(prof):
+    """Enter and leave ``prof`` with the process's stderr (file descriptor 2) sent to /dev/null: when a trace starts
+    and stops kineto writes lines of its own there from C++ (``USDT: ... profiler_start``, and on a CPU-only machine
+    with a CUDA build of torch ``ERROR: ... gpuGetDeviceCount failed``), which say nothing about the profile. The
+    profiled steps in between write to stderr as usual; an exception still propagates."""
+    with _stderr_to_devnull():
+        prof.__enter__()
+    try:
+        yield prof
+    finally:
+        with _stderr_to_devnull():
+            prof.__exit__(*sys.exc_info())
+
+
+@contextlib.contextmanager
+def _stderr_to_devnull():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def summarize(events, steps: int, wall_seconds: float, device: torch.device) -> dict:

@@ -133,3 +133,18 @@ def test_a_cpu_profile_shows_the_native_kernels(monkeypatch):
     trainer = Trainer(SimpleCNN(kernel="triton"), device=torch.device("cpu"))
     names = {kernel["name"] for kernel in profile_training(trainer, loader, steps=3)["top"]}
     assert {"fastcnn::native_cpu_forward", "fastcnn::native_cpu_backward_weight"} & names, names
+
+
+def test_bench_profile_prints_no_profiler_noise():
+    # kineto writes USDT start/stop lines (and, for a CUDA build on a CPU-only machine, a gpuGetDeviceCount ERROR)
+    # from C++ when a trace starts and stops; the profile says nothing more for them.
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "fastcnn", "bench", "--device", "cpu", "--configs", "fast",
+                             "--steps", "2", "--warmup", "1", "--repeats", "1", "--profile", "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    output = result.stdout + result.stderr
+    assert "profile fast, per step over 2 steps" in output
+    assert "USDT" not in output and "gpuGetDeviceCount" not in output, output
