@@ -363,8 +363,17 @@ int fastcnn_cpu_backward_weight(const void *grad, const int64_t *gs, const uint8
                         const int64_t o = n * gs[0] + b * CO_BLOCK * gs[1] + ph * gs[2] + pw * gs[3];
                         vi16 cd;
                         v16 g;
-                        if (valid == CO_BLOCK && cs[1] == 1 && gs[1] == 1) { /* channels-last: vector loads */
+                        /* Vector loads where the channels are contiguous (channels-last), lane by lane elsewhere:
+                         * the code and the gradient apart, since a flatten's backward hands the gradient over
+                         * in NCHW while the code is channels-last. */
+                        if (valid == CO_BLOCK && cs[1] == 1) {
                             cd = __builtin_convertvector(*(const vb16u *)(code + q), vi16);
+                        } else {
+                            int32_t code_l[CO_BLOCK] = {0};
+                            for (int64_t c = 0; c < valid; c++) code_l[c] = code[q + c * cs[1]];
+                            memcpy(&cd, code_l, sizeof cd);
+                        }
+                        if (valid == CO_BLOCK && gs[1] == 1) {
                             if (dtype == DTYPE_BF16)
                                 g = (v16)(__builtin_convertvector(*(const vh16u *)((const uint16_t *)grad + o), vu16)
                                           << 16);
@@ -372,10 +381,7 @@ int fastcnn_cpu_backward_weight(const void *grad, const int64_t *gs, const uint8
                                 g = *(const v16u *)((const float *)grad + o);
                         } else {
                             float g_l[CO_BLOCK] = {0};
-                            int32_t code_l[CO_BLOCK] = {0};
-                            for (int64_t c = 0; c < valid; c++) code_l[c] = code[q + c * cs[1]];
                             for (int64_t c = 0; c < valid; c++) g_l[c] = load_as_f32(grad, o + c * gs[1], dtype);
-                            memcpy(&cd, code_l, sizeof cd);
                             memcpy(&g, g_l, sizeof g);
                         }
                         uint64_t pass_bits[2];
