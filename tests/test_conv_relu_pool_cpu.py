@@ -14,12 +14,11 @@ import sys
 import pytest
 import torch
 from fastcnn.kernels import conv_relu_pool_cpu as native
-from test_conv_relu_pool import assert_close, check_against_reference, forward_backward, make_inputs
-from torch import nn
+from test_conv_relu_pool import TwoBlocks, assert_close, check_against_reference, forward_backward, make_inputs
 
 import fastcnn.ops as ops
 from fastcnn.kernel_choice import choose_kernels
-from fastcnn.nn import ConvReLUPool2d, resolve_kernel
+from fastcnn.nn import resolve_kernel
 from fastcnn.ops import conv_relu_pool, conv_relu_pool_reference
 
 BUILT_HERE = sys.platform == "linux" and os.environ.get("FASTCNN_NATIVE_CPU", "1") != "0"
@@ -146,16 +145,6 @@ def test_one_openmp_runtime_in_the_process():
 
 
 # --------------------------------------------------------------------------------------------- compile, auto
-
-
-class TwoBlocks(nn.Module):
-    def __init__(self, kernel):
-        super().__init__()
-        self.block1 = ConvReLUPool2d(3, 8, 3, padding=1, kernel=kernel)
-        self.block2 = ConvReLUPool2d(8, 4, 3, kernel=kernel)
-
-    def forward(self, x):
-        return self.block2(self.block1(x)).flatten(1).sum(1)
 
 
 @needs_native

@@ -2,32 +2,33 @@
 is learned), the run says what it trains on, eval sees the test split as training did, and every bad input is one
 line with nothing half-written."""
 
+import importlib.util
 import json
 import pathlib
 
-import numpy as np
 import pytest
 import torch
 from cli_helpers import assert_one_line_error, run_cli
 from PIL import Image
 
+
 # Equal luminance (ITU-R 601-2, what converting RGB to grayscale keeps): in grayscale the classes are identical.
-HUES = {"blue": (100, 104, 255), "green": (40, 170, 72), "red": (220, 80, 64)}
+def _load_hue_script():
+    # The README's reproduction script is the one source of the hue folders, so the test trains on what it writes.
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "hue_folder.py"
+    spec = importlib.util.spec_from_file_location("hue_folder_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_HUE_SCRIPT = _load_hue_script()
+HUES = _HUE_SCRIPT.HUES
 
 
 def hue_folder(root: pathlib.Path, per_class: int = 120, size: int = 32, seed: int = 0) -> pathlib.Path:
     """Squares told apart only by hue, on random gray backgrounds, with the same gray noise in every channel."""
-    rng = np.random.default_rng(seed)
-    for name, colour in HUES.items():
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            image = np.full((size, size, 3), rng.integers(0, 256), dtype=np.int16)
-            side = rng.integers(size // 4, size // 2 + 1)
-            top, left = rng.integers(0, size - side + 1, 2)
-            image[top:top + side, left:left + side] = colour
-            image += rng.integers(-6, 7, (size, size))[..., None]
-            Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(root / name / f"{i:04d}.png")
-    return root
+    return _HUE_SCRIPT.write_hue_folder(root, per_class=per_class, size=size, seed=seed)
 
 
 def test_hue_luminance_is_equal():
