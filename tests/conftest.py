@@ -9,21 +9,13 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _data_root() -> pathlib.Path | None:
-    for candidate in (os.environ.get("FASTCNN_DATA"), REPO.parent / "shared" / "data"):
-        if candidate and (pathlib.Path(candidate) / "MNIST" / "raw" / "train-images-idx3-ubyte").exists():
-            return pathlib.Path(candidate)
-    return None
+from helpers import real_data_root  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def data_root() -> pathlib.Path:
     """Folder with the real MNIST / Fashion-MNIST in torchvision's layout (skips the test without it)."""
-    root = _data_root()
+    root = real_data_root()
     if root is None:
         pytest.skip("real MNIST not found: set FASTCNN_DATA to a folder holding MNIST/raw and FashionMNIST/raw")
     return root
@@ -38,5 +30,3 @@ def pytest_report_header(config):
     ok, why = fused_kernel_status(device)
     return f"fastcnn fused kernels on {device}: {'run' if ok else 'NOT run'} ({why})"
 
-
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

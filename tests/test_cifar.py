@@ -9,7 +9,7 @@ import struct
 import numpy as np
 import pytest
 import torch
-from cli_helpers import run_cli
+from helpers import run_cli
 
 from fastcnn.data import load_dataset
 from fastcnn.data.cifar import BIN_FOLDER, CLASSES, PY_FOLDER, RECORD, load_cifar10, write_py_batch

@@ -5,12 +5,11 @@ import copy
 
 import pytest
 import torch
+from helpers import requires_cuda
 
 from fastcnn.data import DeviceLoader, synthetic_dataset
 from fastcnn.engine import EpochProgress, Trainer
 from fastcnn.models import build_model
-
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def test_optimizer_restore_keeps_tensors_and_values():

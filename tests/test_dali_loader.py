@@ -10,24 +10,17 @@ import math
 
 import pytest
 import torch
+from helpers import requires_cuda, small_set
 from torchvision import datasets, transforms
 
 from fastcnn.data import DeviceLoader, ImageDataset, load_dataset, make_loader
 from fastcnn.data.dali_loader import DaliLoader
 from fastcnn.data.dali_status import dali_gpu_status, dali_status
 from fastcnn.data.sampling import epoch_permutation, shard
-from tests.conftest import requires_cuda
 
 MEAN, STD = (0.1307,), (0.3081,)
 STATISTICS = [((0.1307,) * 3, (0.3081,) * 3), ((0.2860,) * 3, (0.3530,) * 3),
               ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ((0.5,) * 3, (0.5,) * 3)]
-
-
-def small_set(count=103, channels=1, size=7, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (count, channels, size, size), dtype=torch.uint8, generator=gen)
-    labels = torch.randint(0, 10, (count,), generator=gen)
-    return ImageDataset("tiny", images, labels, [str(i) for i in range(10)])
 
 
 def fp32_tolerance(reference: torch.Tensor) -> float:

@@ -2,19 +2,13 @@
 
 import pytest
 import torch
+from helpers import small_set
 from torchvision import datasets, transforms
 
-from fastcnn.data import DeviceLoader, ImageDataset, TorchLoader, load_dataset, synthetic_dataset
+from fastcnn.data import DeviceLoader, TorchLoader, load_dataset, synthetic_dataset
 from fastcnn.data.sampling import epoch_permutation, shard
 
 MEAN, STD = (0.1307,), (0.3081,)
-
-
-def small_set(count=103, channels=1, size=7, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (count, channels, size, size), dtype=torch.uint8, generator=gen)
-    labels = torch.randint(0, 10, (count,), generator=gen)
-    return ImageDataset("tiny", images, labels, [str(i) for i in range(10)])
 
 
 def collect(loader):

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from helpers import requires_cuda
 
 from fastcnn.cli import main
 from fastcnn.distributed import DistributedContext
@@ -221,7 +222,6 @@ def test_torchrun_with_one_process_joins_a_process_group_of_one(monkeypatch):
         ctx.shutdown()
 
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @pytest.mark.parametrize("nproc", [1, 2])

@@ -5,7 +5,7 @@ import signal
 
 import pytest
 import torch
-from cli_helpers import assert_one_line_error
+from helpers import Unpicklable, assert_one_line_error
 
 from fastcnn.cli import main
 from fastcnn.engine import Trainer
@@ -120,13 +120,9 @@ def test_unreadable_resume_file(tmp_path, capsys, content, words):
     assert_one_line_error(err, *words)
 
 
-class Sneaky:
-    pass
-
-
 def test_checkpoint_with_pickled_objects_is_refused(tmp_path, capsys):
     path = tmp_path / "evil.pt"
-    torch.save({"format": "fastcnn-checkpoint-v1", "model_name": "simplecnn", "payload": Sneaky()}, path)
+    torch.save({"format": "fastcnn-checkpoint-v1", "model_name": "simplecnn", "payload": Unpicklable()}, path)
     code, err = run(["train", *SMALL, "--resume", str(path)], capsys)
     assert code == 1
     assert_one_line_error(err, "pickled")

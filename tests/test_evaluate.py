@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from cli_helpers import assert_one_line_error, run_cli
+from helpers import Unpicklable, assert_one_line_error, run_cli
 
 from fastcnn import evaluate
 from fastcnn.cli import main
@@ -112,10 +112,6 @@ def test_existing_results_are_not_overwritten_without_overwrite(fast_run, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["confusion.png", "eval.json"]  # no temporary files
 
 
-class Sneaky:
-    pass
-
-
 @pytest.mark.parametrize("content, words", [
     ("pickled", ["pickled"]),
     ("foreign", ["not written by fastcnn"]),
@@ -125,7 +121,7 @@ class Sneaky:
 def test_unusable_checkpoints_are_refused(content, words, tmp_path, capsys):
     path = tmp_path / "checkpoint.pt"
     if content == "pickled":
-        torch.save({"format": "fastcnn-checkpoint-v1", "model_name": "simplecnn", "payload": Sneaky()}, path)
+        torch.save({"format": "fastcnn-checkpoint-v1", "model_name": "simplecnn", "payload": Unpicklable()}, path)
     elif content == "foreign":
         torch.save(torch.nn.Linear(2, 2).state_dict(), path)
     elif content == "garbage":

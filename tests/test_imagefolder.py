@@ -6,11 +6,11 @@ import pathlib
 import numpy as np
 import pytest
 import torch
+from helpers import requires_cuda
 from PIL import Image
 
 from fastcnn.data.imagefolder import load_imagefolder
 from fastcnn.errors import DatasetError
-from tests.conftest import requires_cuda
 
 
 def write_image(path: pathlib.Path, pixels: np.ndarray, **options) -> np.ndarray:

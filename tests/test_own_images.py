@@ -8,7 +8,7 @@ import pathlib
 
 import pytest
 import torch
-from cli_helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, real_data_root, run_cli
 from PIL import Image
 
 
@@ -156,9 +156,8 @@ def test_a_cifar_file_that_is_not_one_is_one_line_and_leaves_nothing_behind(tmp_
 @pytest.mark.slow
 def test_the_real_cifar10_image_folder_is_rgb_32x32_with_ten_classes(capsys, tmp_path):
     """CIFAR10-images (shared data, 60,000 JPEGs): no shape flags; a subset, one epoch."""
-    from tests.conftest import _data_root
 
-    root = _data_root()
+    root = real_data_root()
     folder = root / "CIFAR10-images" if root else None
     if folder is None or not (folder / "train").is_dir():
         pytest.skip("CIFAR10-images not found next to MNIST (FASTCNN_DATA)")

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from cli_helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, run_cli
 from PIL import Image
 
 from fastcnn import predict
