@@ -44,26 +44,73 @@ def save_checkpoint(path: pathlib.Path, state: dict) -> None:
     atomic_write_bytes(path, lambda file: torch.save({"format": FORMAT, **state}, file))
 
 
-def load_checkpoint(path: str | os.PathLike, *, model_name: str | None = None) -> dict:
-    """Read a fastcnn checkpoint safely. Raises FastcnnError with a one-line reason when it cannot be used."""
+CHECKPOINT_NAME = "checkpoint.pt"  # what a run folder holds
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive; a file that starts so but fails to load is damaged
+
+
+def checkpoint_file(path: str | os.PathLike) -> pathlib.Path:
+    """The checkpoint a user means by ``path``: the file itself, or a run folder's checkpoint.pt (``fastcnn eval
+    runs/e1``). Raises FastcnnError, in one line that says what to pass instead, when there is none."""
     path = pathlib.Path(path)
+    if path.is_dir():
+        inside = path / CHECKPOINT_NAME
+        if inside.is_file():
+            return inside
+        runs = sorted(child.parent for child in path.glob(f"run*/{CHECKPOINT_NAME}"))
+        if runs:  # a --runs N folder: one run per subfolder
+            names = ", ".join(str(run) for run in runs[:3])
+            raise FastcnnError(f"cannot read checkpoint: folder {path} holds repeated runs, not one; pass one of "
+                               f"them ({names}{', ...' if len(runs) > 3 else ''})")
+        raise FastcnnError(f"cannot read checkpoint: folder {path} holds no {CHECKPOINT_NAME}; pass the run folder "
+                           f"of a `fastcnn train` run (finished or interrupted), or its {CHECKPOINT_NAME}")
+    if not path.exists():
+        raise FastcnnError(f"cannot read checkpoint {path}: no such file or folder; pass a {CHECKPOINT_NAME} written "
+                           "by `fastcnn train`, or its run folder")
     if not path.is_file():
-        raise FastcnnError(f"cannot read checkpoint {path}: no such file")
+        raise FastcnnError(f"cannot read checkpoint {path}: not a regular file; pass a {CHECKPOINT_NAME} written by "
+                           "`fastcnn train`, or its run folder")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, *, model_name: str | None = None) -> dict:
+    """Read a fastcnn checkpoint safely from a checkpoint file or a run folder (``checkpoint_file``): every reader
+    (``train --resume``, ``eval``, ``predict``) goes through here. Raises FastcnnError with a one-line reason and
+    what to do when it cannot be used: no checkpoint there, an empty, truncated or damaged file, a file of another
+    program, or one holding pickled Python objects."""
+    path = checkpoint_file(path)
+    try:
+        with open(path, "rb") as file:
+            head = file.read(len(ZIP_MAGIC))
+    except PermissionError:
+        raise FastcnnError(f"cannot read checkpoint {path}: permission denied; make it readable, or copy it "
+                           "somewhere you can read it") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        reason = " ".join(str(err).split())
-        # torch names the class a pickled object needs ("Unsupported global: GLOBAL module.Class"); other
-        # weights_only failures ("Unsupported operand", truncated streams) are plain unreadable files.
-        if "Unsupported global" in reason or "GLOBAL " in reason:
-            raise FastcnnError(f"refusing checkpoint {path}: it holds pickled Python objects, which could run "
-                               "code when loaded; only checkpoints written by fastcnn are accepted") from None
-        raise FastcnnError(f"cannot read checkpoint {path}: not a readable torch checkpoint "
-                           f"({reason[:160]})") from None
+        raise FastcnnError(_unreadable(path, head, err)) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise FastcnnError(f"cannot use checkpoint {path}: it was not written by fastcnn train "
-                           f"(expected format {FORMAT})")
+                           f"(expected format {FORMAT}); pass a {CHECKPOINT_NAME} from a `fastcnn train` run")
     if model_name is not None and state.get("model_name") != model_name:
         raise FastcnnError(f"checkpoint {path} holds model {state.get('model_name')!r}, not {model_name!r}; "
                            f"pass --model {state.get('model_name')} or another checkpoint")
     return state
+
+
+def _unreadable(path: pathlib.Path, head: bytes, err: Exception) -> str:
+    """Why torch could not load ``path``, as one whole sentence of ours (torch's own messages run over several
+    lines of internals)."""
+    reason = " ".join(str(err).split())
+    # torch names the class a pickled object needs ("Unsupported global: GLOBAL module.Class"); other
+    # weights_only failures ("Unsupported operand", truncated streams) are plain unreadable files.
+    if "Unsupported global" in reason or "GLOBAL " in reason:
+        return (f"refusing checkpoint {path}: it holds pickled Python objects, which could run code when loaded; "
+                "only checkpoints written by fastcnn are accepted")
+    if not head:
+        return (f"cannot read checkpoint {path}: the file is empty (a copy or a save that did not finish); copy it "
+                "again, or train again")
+    if head == ZIP_MAGIC:
+        return (f"cannot read checkpoint {path}: not a readable torch checkpoint: the file is truncated or damaged "
+                "(a copy or a save that did not finish); copy it again, or train again")
+    return (f"cannot read checkpoint {path}: not a readable torch checkpoint (this file is no torch.save archive); "
+            f"pass a {CHECKPOINT_NAME} written by `fastcnn train`")

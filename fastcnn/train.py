@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from fastcnn import env, kernel_choice
-from fastcnn.checkpoint import load_checkpoint, save_checkpoint
+from fastcnn.checkpoint import checkpoint_file, load_checkpoint, save_checkpoint
 from fastcnn.config import ResolvedConfig, TrainConfig, resolve
 from fastcnn.data import ImageDataset, load_dataset, make_loader
 from fastcnn.data.datasets import describe_shape
@@ -330,6 +330,7 @@ def run_training(cfg: TrainConfig, *, stream=None, datasets=None) -> dict:
     ``datasets``: the (train, test) ImageDatasets when the caller already loaded them."""
     if cfg.runs > 1:
         return run_repeated(cfg, stream=stream)
+    cfg = with_resume_file(cfg)
     with deterministic_algorithms(cfg.deterministic):
         return _run_single(cfg, stream, datasets)
 
@@ -337,8 +338,13 @@ def run_training(cfg: TrainConfig, *, stream=None, datasets=None) -> dict:
 def preflight(cfg: TrainConfig) -> ResolvedConfig:
     """Every check of a run that can fail before training (arguments, checkpoint, dataset, output folder), for a
     launcher that starts several processes: it fails once, in one line, instead of once per process."""
-    rc, _, _ = _prepare(cfg, None, several_processes=True)
+    rc, _, _ = _prepare(with_resume_file(cfg), None, several_processes=True)
     return rc
+
+
+def with_resume_file(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with ``--resume`` naming the checkpoint file itself, also when it was given a run folder."""
+    return dataclasses.replace(cfg, resume=str(checkpoint_file(cfg.resume))) if cfg.resume else cfg
 
 
 def _prepare(cfg: TrainConfig, datasets, *, several_processes: bool):

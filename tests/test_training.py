@@ -1,14 +1,19 @@
 """Training: the reference path learns like the tutorial, and the fast path computes the same thing."""
 
 import json
+import shutil
 
 import pytest
 import torch
+from helpers import Unpicklable, assert_one_line_error
+from helpers import run_cli as helpers_run_cli
 
+from fastcnn.checkpoint import checkpoint_file, load_checkpoint
 from fastcnn.cli import main
 from fastcnn.config import TrainConfig, resolve
 from fastcnn.data import DeviceLoader, TorchLoader, load_dataset
 from fastcnn.engine import Trainer
+from fastcnn.errors import FastcnnError
 from fastcnn.models import build_model, get_spec
 
 
@@ -105,3 +110,73 @@ def test_fused_optimizer_follows_the_default_implementation(opt):
 def test_training_on_synthetic_data_learns(tmp_path, capsys):
     summary = run_cli(["--dataset", "synthetic", "--synthetic-size", "3000,500", "--epochs", "2"], tmp_path, capsys)
     assert summary["test_acc"] > 80.0
+
+
+SMALL_RUN = ["--dataset", "synthetic", "--synthetic-size", "256,128", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One finished one-epoch run folder, shared by the checkpoint-reading tests (they only read it)."""
+    folder = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["train", *SMALL_RUN, "--output", str(folder)]) == 0
+    return folder
+
+
+def test_a_checkpoint_is_read_from_its_file_or_its_run_folder(finished_run):
+    from_file = load_checkpoint(finished_run / "checkpoint.pt")
+    from_folder = load_checkpoint(finished_run)
+    assert checkpoint_file(finished_run) == finished_run / "checkpoint.pt"
+    assert from_folder["epoch"] == from_file["epoch"] == 1
+    assert from_folder["model"].keys() == from_file["model"].keys()
+
+
+def test_resume_takes_a_run_folder(finished_run, tmp_path, capsys):
+    folder = tmp_path / "run"
+    shutil.copytree(finished_run, folder)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(folder), "--epochs", "2", "--no-progress"]) == 0
+    assert load_checkpoint(folder)["epoch"] == 2
+    assert json.loads((folder / "summary.json").read_text())["epochs"] == 2
+
+
+def truncated(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize("make, words", [
+    ("missing", ["no such file or folder", "run folder"]),
+    ("empty folder", ["holds no checkpoint.pt", "run folder"]),
+    ("repeated runs", ["repeated runs", "run1"]),
+    ("empty file", ["empty", "train again"]),
+    ("truncated", ["truncated or damaged", "copy it again"]),
+    ("garbage", ["not a readable torch checkpoint", "checkpoint.pt written by"]),
+    ("foreign", ["not written by fastcnn"]),
+    ("pickled", ["pickled Python objects"]),
+])
+def test_every_unusable_checkpoint_is_one_line_saying_what_to_do(make, words, finished_run, tmp_path, capsys):
+    path = tmp_path / "given"
+    if make == "empty folder":
+        path.mkdir()
+    elif make == "repeated runs":
+        shutil.copytree(finished_run, path / "run1")
+    elif make == "empty file":
+        path.write_bytes(b"")
+    elif make == "truncated":
+        path.write_bytes(truncated((finished_run / "checkpoint.pt").read_bytes()))
+    elif make == "garbage":
+        path.write_bytes(b"this is not a checkpoint")
+    elif make == "foreign":
+        torch.save(torch.nn.Linear(2, 2).state_dict(), path)
+    elif make == "pickled":
+        torch.save({"format": "fastcnn-checkpoint-v1", "model_name": "simplecnn", "payload": Unpicklable()}, path)
+    with pytest.raises(FastcnnError) as raised:
+        load_checkpoint(path)
+    message = str(raised.value)
+    assert str(path) in message and "\n" not in message and len(message) < 240, message
+    for word in words:
+        assert word in message, (word, message)
+    # the same refusal reaches the user of `train --resume` as one error line, before anything is written
+    code, _, err = helpers_run_cli(["train", "--resume", str(path), "--no-progress"], capsys)
+    assert code == 1
+    assert_one_line_error(err, str(path), *words)
