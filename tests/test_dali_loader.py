@@ -13,14 +13,21 @@ import torch
 from helpers import requires_cuda, small_set
 from torchvision import datasets, transforms
 
-from fastcnn.data import DeviceLoader, ImageDataset, load_dataset, make_loader
+from fastcnn.data import FASHION_MNIST_NORM, MNIST_NORM, DeviceLoader, ImageDataset, load_dataset, make_loader
 from fastcnn.data.dali_loader import DaliLoader
 from fastcnn.data.dali_status import dali_gpu_status, dali_status
 from fastcnn.data.sampling import epoch_permutation, shard
 
-MEAN, STD = (0.1307,), (0.3081,)
-STATISTICS = [((0.1307,) * 3, (0.3081,) * 3), ((0.2860,) * 3, (0.3530,) * 3),
-              ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ((0.5,) * 3, (0.5,) * 3)]
+MEAN, STD = MNIST_NORM
+IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def for_rgb(norm):
+    """One-channel (mean, std) repeated for three channels."""
+    return tuple(values * 3 for values in norm)
+
+
+STATISTICS = [for_rgb(MNIST_NORM), for_rgb(FASHION_MNIST_NORM), IMAGENET_NORM, for_rgb(((0.5,), (0.5,)))]
 
 
 def fp32_tolerance(reference: torch.Tensor) -> float:
@@ -243,8 +250,7 @@ def test_gpu_pipeline_matches_device_loader(dtype):
     data = small_set(channels=3)
     # ImageNet's statistics: with a mean that is a whole multiple of 1/255 (0.4 = 102/255), DALI's GPU formula
     # fmaf(x, 1/S, -M/S) leaves ~5e-8 where torch has 0, a nonzero float16 subnormal (see dali_loader's docstring).
-    kw = dict(seed=9, device="cuda", dtype=dtype, channels_last=True, mean=(0.485, 0.456, 0.406),
-              std=(0.229, 0.224, 0.225))
+    kw = dict(seed=9, device="cuda", dtype=dtype, channels_last=True, mean=IMAGENET_NORM[0], std=IMAGENET_NORM[1])
     assert_same_batches(DaliLoader(data, 10, **kw), DeviceLoader(data, 10, **kw))
     # Unshuffled: CPU and CUDA generators draw different permutations for one seed; the augmentation's draws are
     # per position, so in the same order both pipelines must shift and flip the same images alike.

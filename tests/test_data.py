@@ -1,14 +1,19 @@
 """Datasets and loaders: every sample once per epoch, with its label, with the reference loader's values."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from helpers import small_set
 from torchvision import datasets, transforms
 
-from fastcnn.data import DeviceLoader, TorchLoader, load_dataset, synthetic_dataset
-from fastcnn.data.sampling import epoch_permutation, shard
+from fastcnn.data import MNIST_NORM, MNIST_SPLIT_SIZES, DeviceLoader, TorchLoader, load_dataset, synthetic_dataset
+from fastcnn.data.image_shape import convert_images, describe_shape, parse_image_size
+from fastcnn.data.normalization import as_channel_tensor, channel_stats, normalize_uint8
+from fastcnn.data.sampling import batches_per_epoch, epoch_permutation, shard, shard_size
 
-MEAN, STD = (0.1307,), (0.3081,)
+MEAN, STD = MNIST_NORM
 
 
 def collect(loader):
@@ -65,9 +70,16 @@ def test_resuming_inside_an_epoch_serves_the_rest_of_the_same_order():
 def test_sharding_is_disjoint_equal_and_nearly_complete():
     order = epoch_permutation(103, seed=0, epoch=0)
     shards = [shard(order, rank, 4) for rank in range(4)]
-    assert {s.numel() for s in shards} == {25}
+    assert {s.numel() for s in shards} == {25} == {shard_size(103, 4)}
     union = torch.cat(shards)
     assert union.unique().numel() == 100
+    assert torch.equal(shard(order, 0, 1), order) and shard_size(103, 1) == 103
+
+
+def test_batches_per_epoch_counts_the_smaller_last_batch_unless_dropped():
+    assert batches_per_epoch(103, 10, drop_last=False) == 11
+    assert batches_per_epoch(103, 10, drop_last=True) == 10
+    assert batches_per_epoch(100, 10, drop_last=False) == batches_per_epoch(100, 10, drop_last=True) == 10
 
 
 def test_device_loader_layout_and_dtype():
@@ -95,25 +107,31 @@ def test_prepared_images_serve_bitwise_what_per_batch_normalization_serves(monke
     monkeypatch.setattr(device_loader, "PREPARED_MAX_BYTES", 0)  # too big to prepare: normalize per batch
     per_batch = DeviceLoader(data, 16, **kw)
     assert prepared.prepared is not None and per_batch.prepared is None
+    served = 0
     for (a, y_a), (b, y_b) in zip(prepared, per_batch, strict=True):
         assert torch.equal(a, b) and torch.equal(y_a, y_b)
         assert a.dtype == b.dtype and a.is_contiguous(memory_format=per_batch.memory_format)
         if channels > 1:
             assert a.stride() == b.stride()
+        served += 1
+    assert served == 4
 
 
 def test_torch_loader_serves_the_same_batches_as_device_loader():
     data = small_set(channels=3)
     kw = dict(seed=7, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    served = 0
     for (a, b), (c, d) in zip(DeviceLoader(data, 9, **kw), TorchLoader(data, 9, **kw), strict=True):
         assert torch.equal(a, c) and torch.equal(b, d)
+        served += 1
+    assert served == 12
 
 
 def test_values_equal_torchvision_totensor_normalize_on_real_mnist(data_root):
     reference = datasets.MNIST(str(data_root), train=False, download=False,
                                transform=transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)]))
     test = load_dataset("mnist", False, root=data_root, download=False)
-    assert len(test) == 10_000 and test.image_shape == (1, 28, 28)
+    assert len(test) == MNIST_SPLIT_SIZES[1] and test.image_shape == (1, 28, 28)
     loader = DeviceLoader(test, 1000, shuffle=False, mean=MEAN, std=STD)
     images, labels = next(iter(loader))
     for i in (0, 1, 7, 500, 999):
@@ -124,7 +142,7 @@ def test_values_equal_torchvision_totensor_normalize_on_real_mnist(data_root):
 
 def test_fashion_mnist_loads(data_root):
     train = load_dataset("fashion-mnist", True, root=data_root, download=False)
-    assert len(train) == 60_000 and train.num_classes == 10
+    assert len(train) == MNIST_SPLIT_SIZES[0] and train.num_classes == 10
     assert train.classes[0] == "T-shirt/top"
 
 
@@ -177,3 +195,51 @@ def test_serving_into_refuses_tensors_unlike_a_full_batch(monkeypatch):
     monkeypatch.setattr("fastcnn.data.device_loader.PREPARED_MAX_BYTES", 0)  # no normalized copy resident
     assert not DeviceLoader(data, 8, channels_last=True, mean=0.13, std=0.31).serve_into(images, labels)
     assert loader.serve_into(images, labels)  # a loader with its copy still takes them
+
+
+def test_channel_stats_are_the_exact_per_channel_mean_and_population_std():
+    data = small_set(count=40, channels=3)
+    data.images[:, 2] = 77  # a constant channel: std 1.0, so that normalizing by it stays finite
+    mean, std = channel_stats(data.images)
+    pixels = data.images.double() / 255
+    assert mean[:2] == pytest.approx(pixels.mean(dim=(0, 2, 3))[:2].tolist(), abs=1e-12)
+    assert std[:2] == pytest.approx(pixels.std(dim=(0, 2, 3), correction=0)[:2].tolist(), abs=1e-12)
+    assert mean[2] == pytest.approx(77 / 255) and std[2] == 1.0
+    assert data.channel_stats() == (mean, std)
+
+
+def test_normalize_uint8_is_totensor_then_normalize_bitwise():
+    pixels = small_set(count=5, channels=3).images
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    ours = normalize_uint8(pixels, as_channel_tensor(mean, 3, "cpu"), as_channel_tensor(std, 3, "cpu"))
+    assert torch.equal(ours, transforms.Normalize(mean, std)(pixels.float() / 255))
+
+
+def test_channel_tensors_repeat_one_value_and_refuse_a_wrong_count():
+    assert as_channel_tensor(0.5, 3, "cpu").flatten().tolist() == [0.5] * 3
+    assert as_channel_tensor(MNIST_NORM[0], 3, "cpu").shape == (1, 3, 1, 1)
+    with pytest.raises(ValueError, match="2 normalization values for 3 channels"):
+        as_channel_tensor((0.1, 0.2), 3, "cpu")
+
+
+def test_image_shapes_parse_describe_and_convert():
+    assert parse_image_size(28) == (28, 28) and parse_image_size((24, 32)) == (24, 32)
+    assert parse_image_size(None) is None
+    with pytest.raises(ValueError, match="at least 1x1"):
+        parse_image_size((0, 5))
+    assert describe_shape((3, 32, 32)) == "RGB 3x32x32" and describe_shape((1, 28, 28)) == "grayscale 1x28x28"
+    gray = small_set(count=4, channels=1).images
+    assert convert_images(gray, 1, 7) is gray  # already that shape: the same tensor
+    rgb = convert_images(gray, 3)
+    assert rgb.shape == (4, 3, 7, 7) and all(torch.equal(rgb[:, c], gray[:, 0]) for c in range(3))
+    assert torch.equal(convert_images(rgb, 1), gray)  # equal R, G and B: the luma is that value
+    assert convert_images(gray, 1, (14, 5)).shape == (4, 1, 14, 5)
+
+
+def test_dali_stays_optional_and_its_probe_imports_only_dali():
+    # The data package imports without DALI, and asking whether DALI runs imports DALI, not fastcnn's loader.
+    probe = ("import sys, fastcnn.data; from fastcnn.data.dali_status import dali_status; "
+             "before = 'nvidia.dali' in sys.modules; dali_status(); "
+             "print(before, 'fastcnn.data.dali_loader' in sys.modules, 'fastcnn.data.imagefolder' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False", "False"]

@@ -55,10 +55,13 @@ def test_hold_out_split_partitions_each_class_with_sorted_classes_and_labels(fol
     # every written 28x28 PNG (decoded unchanged: same size, grayscale) is in exactly one split, with its label
     served = {bytes(img.numpy()): int(label) for ds in (train, test) for img, label in zip(ds.images, ds.labels,
                                                                                           strict=True)}
+    checked = 0
     for label, name in enumerate(train.classes):
         for file, pixels in written[name].items():
             if pixels.ndim == 2 and file.endswith(".png"):
                 assert served[bytes(pixels.reshape(1, 28, 28))] == label
+                checked += 1
+    assert checked == 9  # the even-numbered PNGs: cat 4, dog 3, eel 2
     again = load_imagefolder(root, False, seed=0, channels=1, image_size=28)
     assert torch.equal(again.images, test.images)
     others = [load_imagefolder(root, False, seed=s, channels=1, image_size=28).images for s in range(1, 4)]
@@ -185,7 +188,7 @@ def test_bad_arguments(folder):
     root, _ = folder
     with pytest.raises(ValueError, match="channels"):
         load_imagefolder(root, True, channels=2)
-    with pytest.raises(ValueError, match="image_size"):
+    with pytest.raises(ValueError, match="image size must be at least 1x1, got 0x28"):
         load_imagefolder(root, True, image_size=(0, 28))
 
 

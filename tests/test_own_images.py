@@ -11,8 +11,9 @@ import torch
 from helpers import assert_one_line_error, real_data_root, run_cli
 from PIL import Image
 
+from fastcnn.data import MNIST_NORM
 
-# Equal luminance (ITU-R 601-2, what converting RGB to grayscale keeps): in grayscale the classes are identical.
+
 def _load_hue_script():
     # The README's reproduction script is the one source of the hue folders, so the test trains on what it writes.
     path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "hue_folder.py"
@@ -23,6 +24,7 @@ def _load_hue_script():
 
 
 _HUE_SCRIPT = _load_hue_script()
+# Equal luminance (ITU-R 601-2, what converting RGB to grayscale keeps): in grayscale the classes are identical.
 HUES = _HUE_SCRIPT.HUES
 
 
@@ -47,7 +49,7 @@ def test_a_colour_only_task_is_learned_in_colour_and_not_in_grayscale(tmp_path, 
     summary = json.loads((tmp_path / "rgb" / "summary.json").read_text())
     assert summary["test_acc"] >= 90, summary["test_acc"]
     assert summary["config"]["channels"] == 3 and summary["config"]["image_size"] == [32, 32]
-    assert len(summary["config"]["mean"]) == 3 and summary["config"]["mean"] != [0.1307] * 3
+    assert len(summary["config"]["mean"]) == 3 and summary["config"]["mean"] != list(MNIST_NORM[0]) * 3
     code, out, err = run_cli(["train", "--dataset", "imagefolder", "--data-dir", str(root), "--no-progress",
                               "--epochs", "3", "--channels", "1", "--output", str(tmp_path / "gray")], capsys)
     assert code == 0, err

@@ -27,8 +27,11 @@ import shutil
 
 import numpy as np
 import torch
+from torchvision.datasets import CIFAR10
+from torchvision.datasets import utils as torchvision_utils
 
-from fastcnn.data.datasets import ImageDataset
+from fastcnn.data.error_text import one_line
+from fastcnn.data.image_dataset import ImageDataset
 from fastcnn.errors import DatasetError
 
 PY_FOLDER, BIN_FOLDER = "cifar-10-batches-py", "cifar-10-batches-bin"
@@ -74,19 +77,17 @@ def _download(root: pathlib.Path, download: bool) -> None:
     what = f"CIFAR-10 not found under {root} (neither {PY_FOLDER}/ nor {BIN_FOLDER}/)"
     if not download:
         raise DatasetError(f"{what}; {_hint(root)}")
-    from torchvision.datasets import CIFAR10
-    from torchvision.datasets.utils import download_and_extract_archive
-
     created = not root.exists()
     try:
-        download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+        torchvision_utils.download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename,
+                                                       md5=CIFAR10.tgz_md5)
     except Exception as failed:  # no network, a mirror down, a bad checksum: say what failed and what to do
         if created:
             shutil.rmtree(root, ignore_errors=True)  # leave nothing behind from a failed download
         else:
             (root / CIFAR10.filename).unlink(missing_ok=True)
             shutil.rmtree(root / PY_FOLDER, ignore_errors=True)
-        reason = " ".join(str(failed).split())[:200] or type(failed).__name__
+        reason = one_line(failed) or type(failed).__name__
         raise DatasetError(f"{what} and the download failed ({reason}); {_hint(root)}") from None
 
 
@@ -142,7 +143,7 @@ def _unpickle(path: pathlib.Path):
         raise DatasetError(f"refusing {path}: it is a pickle that asks for {forbidden}, which a CIFAR-10 batch never "
                            f"holds (loading it could run code); replace it with the original file from {URL}") from None
     except Exception as err:  # not a pickle, truncated, a bad array state, ...
-        reason = " ".join(str(err).split())[:160] or type(err).__name__
+        reason = one_line(err, 160) or type(err).__name__
         raise DatasetError(f"{path} is not a CIFAR-10 batch ({type(err).__name__}: {reason}); re-download it "
                            f"from {URL}") from None
 

@@ -36,16 +36,16 @@ Fashion-MNIST, ImageNet and 0.5/0.5 statistics, the float16 and bfloat16 values 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
+from fastcnn.data.dali_runtime import output_to_torch, pipeline_stream, usable_cores
 from fastcnn.data.dali_status import dali_gpu_status
-from fastcnn.data.datasets import ImageDataset
 from fastcnn.data.device_loader import ResidentLoader
+from fastcnn.data.image_dataset import ImageDataset
 from fastcnn.data.sampling import epoch_seed, shard
 from fastcnn.errors import NotAvailableError
 
@@ -58,10 +58,7 @@ def dali_threads(gpu: bool) -> int:
     runs while the training step waits: on a 2-core machine one thread was faster than two (batch 64: 0.56 vs
     0.65 ms; batch 1000: 3.9 vs 4.5 ms, DALI 2.4), so a CPU pipeline gets a thread per two cores, a GPU pipeline
     (whose CPU side only feeds inputs) one per core; at most 4."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
+    cores = usable_cores()
     return max(1, min(4, cores if gpu else cores // 2))
 
 
@@ -145,7 +142,7 @@ class DaliLoader(ResidentLoader):
         order = self.epoch_order()
         start, mirror = self._augmentation(order.numel()) if self.augment else (None, None)
         on_gpu = self.device.type == "cuda"
-        stream = torch.cuda.current_stream(self.device) if on_gpu else None
+        stream = pipeline_stream(self.device)
         for batch in range(self.start_batch, len(self)):
             lo, hi = batch * self.batch_size, (batch + 1) * self.batch_size
             index = order[lo:hi]
@@ -176,12 +173,7 @@ class DaliLoader(ResidentLoader):
         return start, mirror
 
     def _to_torch(self, out) -> torch.Tensor:
-        dense = out.as_tensor()  # the batch is one buffer: every sample has the same shape
-        if self.device.type == "cuda":
-            with torch.cuda.device(self.device):
-                images = torch.from_dlpack(dense)
-        else:
-            images = torch.from_dlpack(dense)
+        images = output_to_torch(out, self.device)
         if self.channels_last:
             images = images.permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: channels-last strides
         if images.dtype != self.dtype:  # bfloat16 / float64: DALI wrote float32

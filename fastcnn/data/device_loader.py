@@ -14,26 +14,16 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from fastcnn.data.datasets import ImageDataset, batches_per_epoch
-from fastcnn.data.sampling import check_sharding, epoch_permutation, shard
+from fastcnn.data.image_dataset import ImageDataset
+from fastcnn.data.normalization import as_channel_tensor, normalize_uint8
+from fastcnn.data.sampling import batches_per_epoch, check_sharding, epoch_permutation, shard, shard_size
 
 PREPARED_MAX_BYTES = 2 * 2**30  # normalized copy kept on the device up to this size (MNIST fp32: 188 MB)
 _PREPARE_CHUNK = 8192  # images normalized at a time at set-up, to bound the fp32 temporary
 
-
-def normalize_uint8(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """What torchvision's ToTensor() + Normalize(mean, std) compute, for a uint8 (N, C, H, W) batch: fp32
-    (x / 255 - mean) / std, in that order, so the values are bitwise those of the reference loader."""
-    return pixels.to(torch.float32).div_(255).sub_(mean).div_(std)
-
-
-def as_channel_tensor(values: Sequence[float] | float, channels: int, device) -> torch.Tensor:
-    values = [float(values)] * channels if isinstance(values, (int, float)) else [float(v) for v in values]
-    if len(values) == 1 and channels > 1:
-        values = values * channels
-    if len(values) != channels:
-        raise ValueError(f"{len(values)} normalization values for {channels} channels")
-    return torch.tensor(values, dtype=torch.float32, device=device).view(1, channels, 1, 1)
+# as_channel_tensor and normalize_uint8 were defined here (now in fastcnn.data.normalization): kept for importers
+# outside this module until they move.
+__all__ = ["PREPARED_MAX_BYTES", "DeviceLoader", "ResidentLoader", "as_channel_tensor", "normalize_uint8"]
 
 
 class ResidentLoader:
@@ -63,7 +53,7 @@ class ResidentLoader:
         self.channels_last = channels_last
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.rank, self.world_size = rank, world_size
-        self.num_samples = len(dataset) // world_size if world_size > 1 else len(dataset)
+        self.num_samples = shard_size(len(dataset), world_size)
         self.epoch = 0
         self.start_batch = 0
 

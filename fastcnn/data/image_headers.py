@@ -13,6 +13,8 @@ import os
 import struct
 from dataclasses import dataclass
 
+from PIL import Image
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Start-of-frame markers (baseline, progressive, lossless, arithmetic); not C4 (DHT), C8 (JPG), CC (DAC)
 JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
@@ -103,18 +105,18 @@ def _jpeg(head: bytes, file) -> ImageHeader | None:
         position += 2 + length
 
 
-def _pil(path) -> ImageHeader | None:
-    from PIL import Image
+def is_color(image: Image.Image) -> bool:
+    """Whether an opened PIL image is stored in colour (RGB, RGBA, CMYK, YCbCr, a palette with colours)."""
+    if image.mode in ("P", "PA"):
+        palette = image.getpalette() or []
+        return any(palette[i] != palette[i + 1] or palette[i] != palette[i + 2] for i in range(0, len(palette) - 2, 3))
+    return image.mode not in GRAY_MODES
 
+
+def _pil(path) -> ImageHeader | None:
     try:
         with Image.open(path) as image:
-            mode, (width, height) = image.mode, image.size
-            if mode in ("P", "PA"):
-                palette = image.getpalette() or []
-                color = any(palette[i] != palette[i + 1] or palette[i] != palette[i + 2]
-                            for i in range(0, len(palette) - 2, 3))
-            else:
-                color = mode not in GRAY_MODES
+            (width, height), color = image.size, is_color(image)
     except Exception:  # PIL raises many kinds for a broken file: the decoder will name it
         return None
     return ImageHeader(height, width, color)

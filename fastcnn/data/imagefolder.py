@@ -34,8 +34,10 @@ import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
-from fastcnn.data.datasets import ImageDataset
+from fastcnn.data.dali_runtime import output_to_torch, pipeline_stream, usable_cores
+from fastcnn.data.image_dataset import ImageDataset
 from fastcnn.data.image_headers import read_header
+from fastcnn.data.image_shape import check_channels, parse_image_size
 from fastcnn.data.sampling import epoch_seed
 from fastcnn.errors import DatasetError
 
@@ -68,13 +70,8 @@ def load_imagefolder(root: str | os.PathLike, train: bool, *, image_size: int | 
     class folders, a class folder without images, a file that is not a decodable image, and train/test splits
     with different classes.
     """
-    if channels is not None and channels not in (1, 3):
-        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
-    if image_size is not None:
-        height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        if height < 1 or width < 1:
-            raise ValueError(f"image_size must be positive, got {image_size}")
-        image_size = (height, width)
+    check_channels(channels)
+    image_size = parse_image_size(image_size)
     root = pathlib.Path(root)
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
@@ -201,20 +198,20 @@ def _decode(files: list[pathlib.Path], *, height: int, width: int, channels: int
     for lo in range(0, len(files), DECODE_BATCH):
         chunk = files[lo:lo + DECODE_BATCH]
         try:
-            (out,) = pipeline.run(_cuda_stream(device), encoded=[_read(f) for f in chunk])
+            (out,) = pipeline.run(pipeline_stream(device), encoded=[_read(f) for f in chunk])
         except RuntimeError as err:
             # DALI says that a sample of the batch failed, not which: find it, decoding one file at a time.
             _raise_for_undecodable(chunk, height, width, channels, device)
             raise DatasetError(f"DALI could not decode the images {chunk[0]} .. {chunk[-1]} ({_dali_reason(err)}); "
                                "check that they are PNG or JPEG images") from None
-        images[lo:lo + len(chunk)].copy_(_to_torch(out, device))
+        images[lo:lo + len(chunk)].copy_(output_to_torch(out, device))
     return images
 
 
 def _make_decode_pipeline(batch_size: int, height: int, width: int, channels: int, device: torch.device):
     on_gpu = device.type == "cuda"
     return _decode_pipeline(decoder="mixed" if on_gpu else "cpu", height=height, width=width, channels=channels,
-                            batch_size=batch_size, num_threads=_cores(),
+                            batch_size=batch_size, num_threads=min(4, usable_cores()),
                             device_id=(device.index if device.index is not None else torch.cuda.current_device())
                             if on_gpu else None,
                             prefetch_queue_depth=1)
@@ -236,7 +233,7 @@ def _raise_for_undecodable(files: list[pathlib.Path], height: int, width: int, c
         pipeline = _make_decode_pipeline(1, height, width, channels, device)  # fresh: a failed one may be unusable
         try:
             with _codec_log_silenced():  # the codec already logged this file's failure once, for the batch
-                pipeline.run(_cuda_stream(device), encoded=[_read(path)])
+                pipeline.run(pipeline_stream(device), encoded=[_read(path)])
         except RuntimeError as err:
             raise DatasetError(f"{path} is not a decodable image (DALI: {_dali_reason(err)}); "
                                "delete or replace it") from None
@@ -266,21 +263,3 @@ def _dali_reason(err: RuntimeError) -> str:
              and not line.startswith("Critical error")]
     reason = " ".join(lines).rstrip(" :") or type(err).__name__
     return reason[:160] + ("..." if len(reason) > 160 else "")
-
-
-def _cuda_stream(device: torch.device):
-    return torch.cuda.current_stream(device) if device.type == "cuda" else None
-
-
-def _to_torch(out, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            return torch.from_dlpack(out.as_tensor())
-    return torch.from_dlpack(out.as_tensor())
-
-
-def _cores() -> int:
-    try:
-        return max(1, min(4, len(os.sched_getaffinity(0))))
-    except AttributeError:  # not Linux
-        return max(1, min(4, os.cpu_count() or 1))

@@ -1,4 +1,4 @@
-"""The per-epoch sample order shared by every loader, so that loaders are interchangeable and resumable.
+"""Sampling: the per-epoch sample order shared by every loader, so that loaders are interchangeable and resumable.
 
 Epoch ``e`` of a run with seed ``s`` is one ``torch.randperm`` drawn from a generator seeded with (s, e): it
 does not depend on how many epochs ran before, so a resumed run sees the same order as an uninterrupted one.
@@ -7,6 +7,8 @@ that does not divide evenly (every rank must run the same number of steps).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -34,6 +36,16 @@ def shard(indices: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     return indices[:usable][rank::world_size]
 
 
+def shard_size(num_samples: int, world_size: int) -> int:
+    """How many samples each rank's shard of ``num_samples`` holds (``shard``'s length)."""
+    return num_samples // world_size
+
+
 def check_sharding(rank: int, world_size: int) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..world_size-1 (world_size={world_size})")
+
+
+def batches_per_epoch(count: int, batch_size: int, drop_last: bool) -> int:
+    """Batches of ``batch_size`` in an epoch of ``count`` samples: a smaller last one unless ``drop_last``."""
+    return count // batch_size if drop_last else math.ceil(count / batch_size)

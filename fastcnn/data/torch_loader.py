@@ -13,9 +13,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
-from fastcnn.data.datasets import ImageDataset, batches_per_epoch
-from fastcnn.data.device_loader import as_channel_tensor
-from fastcnn.data.sampling import check_sharding, epoch_permutation, shard
+from fastcnn.data.image_dataset import ImageDataset
+from fastcnn.data.normalization import as_channel_tensor
+from fastcnn.data.sampling import batches_per_epoch, check_sharding, epoch_permutation, shard, shard_size
 
 
 class PILImageDataset(Dataset):
@@ -48,7 +48,7 @@ class EpochSampler(Sampler[int]):
         return iter(order[self.start:].tolist())
 
     def __len__(self) -> int:
-        return (self.total // self.world_size if self.world_size > 1 else self.total) - self.start
+        return shard_size(self.total, self.world_size) - self.start
 
 
 class TorchLoader:
@@ -74,7 +74,7 @@ class TorchLoader:
         self.device = torch.device(device)
         self.batch_size, self.drop_last, self.dtype = batch_size, drop_last, dtype
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.num_samples = len(dataset) // world_size if world_size > 1 else len(dataset)
+        self.num_samples = shard_size(len(dataset), world_size)
         self.epoch = 0
 
     def __len__(self) -> int:
