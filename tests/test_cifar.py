@@ -12,10 +12,19 @@ import torch
 from helpers import run_cli
 
 from fastcnn.data import load_dataset
-from fastcnn.data.cifar import BIN_FOLDER, CLASSES, PY_FOLDER, RECORD, load_cifar10, write_py_batch
+from fastcnn.data.cifar import (
+    BIN_FOLDER,
+    CLASSES,
+    PY_FOLDER,
+    RECORD,
+    TEST_BATCHES,
+    TRAIN_BATCHES,
+    load_cifar10,
+    write_py_batch,
+)
 from fastcnn.errors import DatasetError
 
-NAMES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+NAMES = TRAIN_BATCHES + TEST_BATCHES
 
 
 def batches(count: int, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -102,9 +111,9 @@ def test_pickled_batches_are_read_exactly(tmp_path, style):
     train, test = load_cifar10(tmp_path, True), load_cifar10(tmp_path, False)
     assert train.name == "cifar10" and train.classes == CLASSES and train.source == str(tmp_path / PY_FOLDER)
     assert train.images.dtype == torch.uint8 and train.images.shape == (60, 3, 32, 32) and len(test) == 12
-    expected = np.concatenate([made[name][0] for name in NAMES[:5]])
+    expected = np.concatenate([made[name][0] for name in TRAIN_BATCHES])
     assert torch.equal(train.images, torch.from_numpy(expected))
-    assert train.labels.tolist() == np.concatenate([made[name][1] for name in NAMES[:5]]).tolist()
+    assert train.labels.tolist() == np.concatenate([made[name][1] for name in TRAIN_BATCHES]).tolist()
     assert torch.equal(test.images, torch.from_numpy(made["test_batch"][0]))
 
 
@@ -183,7 +192,7 @@ def test_files_that_are_not_cifar_batches(tmp_path):
 def test_missing_dataset_is_one_line_and_a_failed_download_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(DatasetError) as caught:
         load_cifar10(tmp_path / "nowhere", True, download=False)
-    assert "CIFAR-10 not found under" in str(caught.value) and "cifar-10-batches-py" in str(caught.value)
+    assert "CIFAR-10 not found under" in str(caught.value) and PY_FOLDER in str(caught.value)
     import torchvision.datasets.utils
 
     def offline(*args, **kwargs):
@@ -218,7 +227,7 @@ def test_train_eval_and_predict_on_cifar(tmp_path, capsys):
     assert opening.startswith(f"training on cifar10 {tmp_path / 'data' / PY_FOLDER}: 200 train / 40 test images, "
                               "10 classes (airplane, automobile, bird, cat, ...), RGB 3x32x32, mean ")
     checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
-    train = np.concatenate([made[name][0] for name in NAMES[:5]]) / 255
+    train = np.concatenate([made[name][0] for name in TRAIN_BATCHES]) / 255
     assert checkpoint["config"]["mean"] == pytest.approx(train.mean(axis=(0, 2, 3)).tolist(), abs=1e-12)
     assert checkpoint["config"]["std"] == pytest.approx(train.std(axis=(0, 2, 3)).tolist(), abs=1e-12)
     assert checkpoint["image_shape"] == [3, 32, 32] and checkpoint["classes"] == CLASSES

@@ -12,6 +12,7 @@ from helpers import assert_one_line_error, real_data_root, run_cli
 from PIL import Image
 
 from fastcnn.data import MNIST_NORM
+from fastcnn.data.cifar import PY_FOLDER, TEST_BATCHES, TRAIN_BATCHES
 
 
 def _load_hue_script():
@@ -143,15 +144,15 @@ def test_bad_folders_are_one_line_and_leave_nothing_behind(kind, code, words, tm
 
 
 def test_a_cifar_file_that_is_not_one_is_one_line_and_leaves_nothing_behind(tmp_path, capsys):
-    folder = tmp_path / "data" / "cifar-10-batches-py"
+    folder = tmp_path / "data" / PY_FOLDER
     folder.mkdir(parents=True)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+    for name in TRAIN_BATCHES + TEST_BATCHES:
         (folder / name).write_bytes(b"<html>404 Not Found</html>")
     run = tmp_path / "run"
     code, out, err = run_cli(["train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"),
                               "--no-progress", "--output", str(run)], capsys)
     assert code == 1
-    assert_one_line_error(err, f"{folder / 'data_batch_1'} is not a CIFAR-10 batch", "re-download it")
+    assert_one_line_error(err, f"{folder / TRAIN_BATCHES[0]} is not a CIFAR-10 batch", "re-download it")
     assert not run.exists()
 
 
