@@ -19,7 +19,7 @@ import sys
 import torch
 
 from fastcnn import env
-from fastcnn.ops import conv_pool_relu, conv_relu_pool, conv_relu_pool_reference, native_kernel_status
+from fastcnn.ops import conv_relu_pool, conv_relu_pool_aten, conv_relu_pool_reference, native_kernel_status
 
 # (name, batch, C_in, C_out, H, k, padding): the tutorials' layers and a user CNN's (bench/accelerate_step.py).
 LAYERS = [
@@ -28,7 +28,7 @@ LAYERS = [
     ("lenet conv2", 100, 6, 12, 12, 5, 0),
     ("user conv2", 64, 32, 64, 24, 3, 1),
 ]
-VARIANTS = {"fused": conv_relu_pool, "aten, relu after pool": conv_pool_relu,
+VARIANTS = {"fused": conv_relu_pool, "aten, relu after pool": conv_relu_pool_aten,
             "aten, literal chain": conv_relu_pool_reference}
 
 

@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastcnn import reference
 from fastcnn.errors import UsageError
 from fastcnn.nn import ConvReLUPool2d
 from fastcnn.reference import LENET_BLOCKS, SIMPLECNN_BLOCKS
+from fastcnn.reference import Network as TutorialNetwork
+from fastcnn.reference import SimpleCNN as TutorialSimpleCNN
 from fastcnn.shapes import feature_size, smallest_side
 
 FASTNET_BLOCKS = ((5, 0), (3, 0))
@@ -92,11 +93,11 @@ class ModelSpec:
 
 MODELS: dict[str, ModelSpec] = {
     "simplecnn": ModelSpec(
-        "simplecnn", SimpleCNN, reference.SimpleCNN,
+        "simplecnn", SimpleCNN, TutorialSimpleCNN,
         TutorialRecipe("mnist", 64, 1e-3, "adam", 1, MNIST_MEAN, MNIST_STD),
         "MNIST tutorial CNN: conv 1->32 k3, ReLU, maxpool 2, linear 5408->10", SIMPLECNN_BLOCKS),
     "lenet": ModelSpec(
-        "lenet", LeNet, reference.Network,
+        "lenet", LeNet, TutorialNetwork,
         # The Fashion-MNIST tutorial uses ToTensor() alone: no normalization.
         TutorialRecipe("fashion-mnist", 100, 1e-2, "adam", 1, (0.0,), (1.0,)),
         "Fashion-MNIST tutorial LeNet: conv 1->6 k5, conv 6->12 k5 (ReLU, maxpool 2 each), 192->120->60->10",

@@ -55,10 +55,14 @@ except (ImportError, RuntimeError) as err:
     _TRITON_ERROR = f"{type(err).__name__}: {err}"
 
 from fastcnn.kernels import conv_relu_pool_cpu as _native
+from fastcnn.kernels.contract import MAX_KERNEL_SIZE, SUPPORTED_DTYPES, call_problem
 from fastcnn.kernels.layout import memory_format_of, pooled_size
 
-__all__ = ["conv_relu_pool", "conv_relu_pool_reference", "fused_kernel_status", "native_runs_on_cpu",
-           "INTERPRET_ON_CPU", "NATIVE_ON_CPU"]
+__all__ = ["conv_relu_pool", "conv_relu_pool_aten", "conv_relu_pool_reference", "fused_kernel_status",
+           "native_kernel_status", "native_runs_on_cpu", "INTERPRET_ON_CPU", "NATIVE_ON_CPU",
+           # kept for importers outside this module until they move (the contract's home is fastcnn.kernels.contract;
+           # conv_pool_relu is conv_relu_pool_aten's old name)
+           "MAX_KERNEL_SIZE", "SUPPORTED_DTYPES", "conv_pool_relu"]
 
 # Triton decides at kernel definition (the import above) whether @triton.jit kernels are interpreted, so the
 # op captures the same decision once. Tests set it to False to reach the aten branch on CPU (torch.compile).
@@ -67,11 +71,10 @@ INTERPRET_ON_CPU: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # branch, and simulate a missing build that way.
 NATIVE_ON_CPU: bool = _native.LIBRARY is not None
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_KERNEL_SIZE = 7
 
-
-# --------------------------------------------------------------------------------------------- reference
+# ---------------------------------------------------------------------------------- plain-PyTorch twins
+# One op, three implementations with one signature: conv_relu_pool (the fused kernels), conv_relu_pool_aten (what
+# kernel="aten" runs) and conv_relu_pool_reference (the literal chain, which tests and benchmarks compare with).
 
 
 def conv_relu_pool_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -80,16 +83,20 @@ def conv_relu_pool_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     return F.max_pool2d(F.relu(F.conv2d(x, weight, bias, padding=padding)), kernel_size=2, stride=2)
 
 
-def conv_pool_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                   padding: int = 0) -> torch.Tensor:
-    """The same function as ``conv_relu_pool_reference``, with ReLU applied after the pool (4x fewer elements).
+def conv_relu_pool_aten(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                        padding: int = 0) -> torch.Tensor:
+    """The ``aten`` implementation: the same function as ``conv_relu_pool_reference``, with ReLU applied after the
+    pool (4x fewer elements).
 
     relu(max(window)) == max(relu(window)), and the gradients agree too: when the window's maximum is > 0
     both orders route the gradient to its first maximum; when it is <= 0 (or NaN) both give zero gradient
-    everywhere (ReLU's gradient at 0 is 0). This is the plain-PyTorch path that ``kernel="auto"`` and
-    ``"torch"`` run, measured faster than the literal chain on CPU.
+    everywhere (ReLU's gradient at 0 is 0). This is what ``kernel="aten"`` runs (and ``"auto"`` where it picks
+    aten), measured faster than the literal chain on CPU.
     """
     return F.relu(F.max_pool2d(F.conv2d(x, weight, bias, padding=padding), kernel_size=2, stride=2))
+
+
+conv_pool_relu = conv_relu_pool_aten  # kept for importers outside this module until they move (the old name)
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -118,11 +125,11 @@ def _runs_native(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and native_runs_on_cpu() and x.dtype in _native.SUPPORTED_DTYPES
 
 
-def _launch(launcher, kernel, device: torch.device, *args):
+def _launch(launcher, triton_kernel, device: torch.device, *args):
     """Run a Triton launcher: through ``wrap_triton`` on a GPU, so that torch.compile sees the kernel; directly
     under the interpreter, whose kernels are not JIT functions (older wrap_triton rejects them)."""
     if device.type != "cpu":
-        return launcher(*args, kernel=torch.library.wrap_triton(kernel))
+        return launcher(*args, triton_kernel=torch.library.wrap_triton(triton_kernel))
     return launcher(*args)
 
 
@@ -305,32 +312,9 @@ _conv_relu_pool_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int) -> None:
-    if x.dim() != 4 or weight.dim() != 4:
-        raise ValueError(f"conv_relu_pool needs a 4-d input (N, C, H, W) and a 4-d weight (Cout, Cin, k, k); "
-                         f"got input {tuple(x.shape)} and weight {tuple(weight.shape)}")
-    c_out, c_in, kh, kw = weight.shape
-    if kh != kw:
-        raise ValueError(f"conv_relu_pool supports square kernels only; got {kh}x{kw}")
-    if not 1 <= kh <= MAX_KERNEL_SIZE:
-        raise ValueError(f"conv_relu_pool supports kernel sizes 1..{MAX_KERNEL_SIZE}; got {kh}")
-    if isinstance(padding, bool) or not isinstance(padding, int) or not 0 <= padding <= kh // 2:
-        raise ValueError(f"padding must be an int in 0..{kh // 2} (kernel size {kh}); got {padding!r}")
-    if x.shape[1] != c_in:
-        raise ValueError(f"input has {x.shape[1]} channels but the weight expects {c_in}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"conv_relu_pool supports float32, float16 and bfloat16; got {x.dtype}")
-    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        bias_dtype = None if bias is None else bias.dtype
-        raise ValueError(f"input, weight and bias must share one dtype (or run under torch.autocast); "
-                         f"got input {x.dtype}, weight {weight.dtype}, bias {bias_dtype}")
-    if bias is not None and tuple(bias.shape) != (c_out,):
-        raise ValueError(f"bias must have shape ({c_out},); got {tuple(bias.shape)}")
-    if weight.device != x.device or (bias is not None and bias.device != x.device):
-        raise ValueError("input, weight and bias must be on the same device")
-    hp, wp = pooled_size(x.shape[2], x.shape[3], kh, padding)
-    if hp < 1 or wp < 1:
-        raise ValueError(f"input {x.shape[2]}x{x.shape[3]} with kernel {kh} and padding {padding} leaves a "
-                         f"{hp}x{wp} pooled output; it must be at least 1x1")
+    problem = call_problem(x, weight, bias, padding)
+    if problem:
+        raise ValueError(f"conv_relu_pool: {problem}")
 
 
 def _autocast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -353,7 +337,7 @@ def conv_relu_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
     Args:
         x: (N, Cin, H, W), float32 / float16 / bfloat16, NCHW or channels-last (any strides work).
-        weight: (Cout, Cin, k, k), same dtype, square kernel with 1 <= k <= 7.
+        weight: (Cout, Cin, k, k), same dtype, square kernel with 1 <= k <= 7 (``fastcnn.kernels.contract``).
         bias: (Cout,) in the same dtype, or None.
         padding: zero padding on every side, 0 <= padding <= k // 2. Stride and dilation are 1.
 

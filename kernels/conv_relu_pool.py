@@ -25,8 +25,9 @@ Numerics, chosen to agree with ``max_pool2d(relu(conv2d(x, w, b)), 2, 2)`` in Py
 - fp32 inputs use TF32 tensor cores when ``DOT_PRECISION == "tf32"``; the launcher picks it from
   ``torch.backends.cudnn.allow_tf32``, which is what cuDNN's fp32 convolution does by default.
 
-Launchers are plain functions over tensors. Their ``kernel`` argument is the kernel to index with the grid:
-the kernel itself for eager use, ``torch.library.wrap_triton(kernel)`` inside a ``torch.library.triton_op``.
+Launchers are plain functions over tensors. Their ``triton_kernel`` argument is the Triton kernel to index with
+the grid: the kernel itself for eager use, ``torch.library.wrap_triton(kernel)`` inside a
+``torch.library.triton_op``. What the kernels accept is ``fastcnn.kernels.contract``.
 """
 
 from __future__ import annotations
@@ -50,10 +51,13 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _AUTOTUNE = os.environ.get("FASTCNN_AUTOTUNE", "1") != "0"
 
 
-def _configs(gpu: list[triton.Config], interpret: triton.Config) -> list[triton.Config]:
-    if _INTERPRET:
-        return [interpret]
-    return gpu if _AUTOTUNE else gpu[:1]
+def autotune_configs(gpu: list[triton.Config], interpreter_config: triton.Config, *, interpreted: bool = _INTERPRET,
+                     autotune: bool = _AUTOTUNE) -> list[triton.Config]:
+    """The configs a kernel autotunes over: the interpreter's one config, else the GPU's (only the first without
+    autotuning)."""
+    if interpreted:
+        return [interpreter_config]
+    return gpu if autotune else gpu[:1]
 
 
 # The configs a GPU autotunes over. The interpreter runs only one small config per kernel (below), so
@@ -86,9 +90,9 @@ INTERPRETER_CONFIGS: dict[str, triton.Config] = {
     "bwd_weight": triton.Config({"BLOCK_P": 32, "BLOCK_CO": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1),
     "bwd_input": triton.Config({"BLOCK_Q": 32, "BLOCK_CI": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1),
 }
-_FWD_CONFIGS = _configs(GPU_CONFIGS["fwd"], INTERPRETER_CONFIGS["fwd"])
-_BWD_WEIGHT_CONFIGS = _configs(GPU_CONFIGS["bwd_weight"], INTERPRETER_CONFIGS["bwd_weight"])
-_BWD_INPUT_CONFIGS = _configs(GPU_CONFIGS["bwd_input"], INTERPRETER_CONFIGS["bwd_input"])
+_FWD_CONFIGS = autotune_configs(GPU_CONFIGS["fwd"], INTERPRETER_CONFIGS["fwd"])
+_BWD_WEIGHT_CONFIGS = autotune_configs(GPU_CONFIGS["bwd_weight"], INTERPRETER_CONFIGS["bwd_weight"])
+_BWD_INPUT_CONFIGS = autotune_configs(GPU_CONFIGS["bwd_input"], INTERPRETER_CONFIGS["bwd_input"])
 
 # The batch size is left out of the key on purpose: the best tile hardly depends on it (the grid grows with it),
 # and keying on it would autotune again, inside a timed epoch, for the smaller last batch.
@@ -383,10 +387,10 @@ def dot_in_fp32(x: torch.Tensor) -> bool:
 
 
 def conv_relu_pool_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int,
-                           kernel: Callable = conv_relu_pool_fwd_kernel) -> tuple[torch.Tensor, torch.Tensor]:
+                           triton_kernel: Callable = conv_relu_pool_fwd_kernel) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled output (N, Cout, HP, WP) in x's dtype and layout, and its uint8 code (see module docstring).
 
-    Inputs are assumed valid (checked by ``fastcnn.ops``): 4-d, same dtype, square kernel, stride 1.
+    Inputs are assumed valid (``fastcnn.ops`` checks them against ``fastcnn.kernels.contract``).
     """
     n, c_in, h, w = x.shape
     c_out, _, ksize, _ = weight.shape
@@ -399,7 +403,7 @@ def conv_relu_pool_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     def grid(meta):
         return (triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(c_out, meta["BLOCK_CO"]))
 
-    kernel[grid](
+    triton_kernel[grid](
         x, weight, bias if bias is not None else weight, out, code,
         n, c_in, h, w, c_out, hp, wp, padding,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
@@ -427,7 +431,7 @@ def _weight_grad_split(p: int, k: int, c_out: int, device: torch.device) -> int:
 
 def conv_relu_pool_backward_weight(grad_out: torch.Tensor, code: torch.Tensor, x: torch.Tensor,
                                    weight: torch.Tensor, padding: int,
-                                   kernel: Callable = conv_relu_pool_bwd_weight_kernel,
+                                   triton_kernel: Callable = conv_relu_pool_bwd_weight_kernel,
                                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_weight like ``weight``, grad_bias (Cout,) in weight's dtype), accumulated in fp32."""
     n, c_in, h, w = x.shape
@@ -443,7 +447,7 @@ def conv_relu_pool_backward_weight(grad_out: torch.Tensor, code: torch.Tensor, x
     def grid(meta):
         return (triton.cdiv(k, meta["BLOCK_K"]), triton.cdiv(c_out, meta["BLOCK_CO"]), split)
 
-    kernel[grid](
+    triton_kernel[grid](
         x, grad_out, code, gw_part, gb_part,
         n, c_in, h, w, c_out, hp, wp, padding, split,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
@@ -465,7 +469,7 @@ def conv_relu_pool_backward_weight(grad_out: torch.Tensor, code: torch.Tensor, x
 
 def conv_relu_pool_backward_input(grad_out: torch.Tensor, code: torch.Tensor, x: torch.Tensor,
                                   weight: torch.Tensor, padding: int,
-                                  kernel: Callable = conv_relu_pool_bwd_input_kernel) -> torch.Tensor:
+                                  triton_kernel: Callable = conv_relu_pool_bwd_input_kernel) -> torch.Tensor:
     """grad_input with x's shape, dtype and layout (``x`` is read for its metadata only)."""
     n, c_in, h, w = x.shape
     c_out, _, ksize, _ = weight.shape
@@ -476,7 +480,7 @@ def conv_relu_pool_backward_input(grad_out: torch.Tensor, code: torch.Tensor, x:
     def grid(meta):
         return (triton.cdiv(q, meta["BLOCK_Q"]), triton.cdiv(c_in, meta["BLOCK_CI"]))
 
-    kernel[grid](
+    triton_kernel[grid](
         grad_out, code, weight, grad_x,
         n, c_in, h, w, c_out, hp, wp, padding,
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3),

@@ -92,9 +92,9 @@ def compile_case(name: str) -> int:
     kernels.dot_precision = lambda dtype: precision
     stand_ins = [CompileOnly(kernels.conv_relu_pool_fwd_kernel), CompileOnly(kernels.conv_relu_pool_bwd_weight_kernel),
                  CompileOnly(kernels.conv_relu_pool_bwd_input_kernel)]
-    out, code = kernels.conv_relu_pool_forward(x, weight, bias, padding, kernel=stand_ins[0])
-    kernels.conv_relu_pool_backward_weight(out, code, x, weight, padding, kernel=stand_ins[1])
-    kernels.conv_relu_pool_backward_input(out, code, x, weight, padding, kernel=stand_ins[2])
+    out, code = kernels.conv_relu_pool_forward(x, weight, bias, padding, triton_kernel=stand_ins[0])
+    kernels.conv_relu_pool_backward_weight(out, code, x, weight, padding, triton_kernel=stand_ins[1])
+    kernels.conv_relu_pool_backward_input(out, code, x, weight, padding, triton_kernel=stand_ins[2])
     binaries = [binary for stand_in in stand_ins for binary in stand_in.binaries]
     missing = [b for b in binaries if not b.asm.get("cubin")]
     if missing:

@@ -91,7 +91,7 @@ def config_id(config):
 def test_forward_config(config, dtype, channels_last):
     x, weight, bias, padding, out_ref, code_ref, _ = inputs(dtype, channels_last)
     out, code = kernels.conv_relu_pool_forward(x, weight, bias, padding,
-                                               kernel=Pinned(kernels.conv_relu_pool_fwd_kernel, config))
+                                               triton_kernel=Pinned(kernels.conv_relu_pool_fwd_kernel, config))
     assert_equal_or_close(out, out_ref, dtype, "output")
     if dtype == torch.float32:  # exact values: the same window wins, and ReLU passes the same ones
         assert torch.equal(code, code_ref)
@@ -103,7 +103,7 @@ def test_backward_weight_config(config, dtype, channels_last):
     x, weight, _, padding, _, code, grad_out = inputs(dtype, channels_last)
     _, gw_ref, gb_ref = reference_backward(grad_out, code, x, weight, padding, [False, True, True])
     gw, gb = kernels.conv_relu_pool_backward_weight(
-        grad_out, code, x, weight, padding, kernel=Pinned(kernels.conv_relu_pool_bwd_weight_kernel, config))
+        grad_out, code, x, weight, padding, triton_kernel=Pinned(kernels.conv_relu_pool_bwd_weight_kernel, config))
     assert_equal_or_close(gw, gw_ref, dtype, "grad weight")
     assert_equal_or_close(gb, gb_ref, dtype, "grad bias")
 
@@ -114,7 +114,7 @@ def test_backward_input_config(config, dtype, channels_last):
     x, weight, _, padding, _, code, grad_out = inputs(dtype, channels_last)
     gx_ref = reference_backward(grad_out, code, x, weight, padding, [True, False, False])[0]
     gx = kernels.conv_relu_pool_backward_input(
-        grad_out, code, x, weight, padding, kernel=Pinned(kernels.conv_relu_pool_bwd_input_kernel, config))
+        grad_out, code, x, weight, padding, triton_kernel=Pinned(kernels.conv_relu_pool_bwd_input_kernel, config))
     assert gx.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     assert_equal_or_close(gx, gx_ref, dtype, "grad input")
 
@@ -129,11 +129,8 @@ def test_every_kernel_autotunes_over_its_gpu_configs_except_under_the_interprete
         assert autotuned.configs == ([kernels.INTERPRETER_CONFIGS[name]] if DEVICE == "cpu" else gpu)
 
 
-def test_autotuning_can_be_turned_off_for_test_runs(monkeypatch):
-    small = kernels.GPU_CONFIGS["fwd"][-1]
-    monkeypatch.setattr(kernels, "_INTERPRET", False)
-    assert kernels._configs(kernels.GPU_CONFIGS["fwd"], small) == kernels.GPU_CONFIGS["fwd"]
-    monkeypatch.setattr(kernels, "_AUTOTUNE", False)  # FASTCNN_AUTOTUNE=0
-    assert kernels._configs(kernels.GPU_CONFIGS["fwd"], small) == kernels.GPU_CONFIGS["fwd"][:1]
-    monkeypatch.setattr(kernels, "_INTERPRET", True)
-    assert kernels._configs(kernels.GPU_CONFIGS["fwd"], small) == [small]
+def test_autotuning_can_be_turned_off_for_test_runs():
+    gpu, small = kernels.GPU_CONFIGS["fwd"], kernels.INTERPRETER_CONFIGS["fwd"]
+    assert kernels.autotune_configs(gpu, small, interpreted=False, autotune=True) == gpu
+    assert kernels.autotune_configs(gpu, small, interpreted=False, autotune=False) == gpu[:1]  # FASTCNN_AUTOTUNE=0
+    assert kernels.autotune_configs(gpu, small, interpreted=True, autotune=True) == [small]

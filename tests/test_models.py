@@ -7,6 +7,7 @@ import torch
 import fastcnn
 from fastcnn.errors import UsageError
 from fastcnn.models import MODELS, build_model
+from fastcnn.ops import conv_relu_pool_aten, conv_relu_pool_reference
 from fastcnn.reference import get_num_correct
 
 # (channels, height, width, classes): the tutorials', CIFAR's, odd rectangles, each model's smallest input
@@ -62,7 +63,7 @@ def test_every_model_fits_any_input_shape(name, shape):
         pytest.skip("smaller than the model's smallest input (tested below)")
     torch.manual_seed(0)
     image_shape = (channels, height, width)
-    fast = build_model(name, image_shape=image_shape, num_classes=classes, kernel="torch")
+    fast = build_model(name, image_shape=image_shape, num_classes=classes, kernel="aten")
     reference = build_model(name, image_shape=image_shape, num_classes=classes, reference_impl=True)
     reference.load_state_dict(fast.state_dict())
     x = torch.randn(3, *image_shape, requires_grad=True)
@@ -79,7 +80,7 @@ def test_every_model_fits_any_input_shape(name, shape):
         accelerated = fastcnn.accelerate(reference)
         torch.testing.assert_close(accelerated(plain), expected, rtol=1e-5, atol=1e-5)
         assert accelerated.state_dict().keys() == reference.state_dict().keys()
-        layout = build_model(name, image_shape=image_shape, num_classes=classes, kernel="torch")
+        layout = build_model(name, image_shape=image_shape, num_classes=classes, kernel="aten")
         layout.load_state_dict(fast.state_dict())
         layout = layout.to(memory_format=torch.channels_last)
         torch.testing.assert_close(layout(plain.contiguous(memory_format=torch.channels_last)), expected,
@@ -108,9 +109,7 @@ def test_get_num_correct():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_pool_then_relu_equals_relu_then_pool_bitwise_with_ties(dtype):
-    """The plain path runs ReLU after the pool; values and gradients must equal the literal chain's."""
-    from fastcnn.ops import conv_pool_relu, conv_relu_pool_reference
-
+    """The aten implementation runs ReLU after the pool; values and gradients must equal the literal chain's."""
     gen = torch.Generator().manual_seed(0)
     # small integers make exact ties and exact zeros common; negative bias makes all-negative windows
     x = torch.randint(-2, 3, (3, 2, 9, 8), generator=gen).to(dtype)
@@ -118,7 +117,7 @@ def test_pool_then_relu_equals_relu_then_pool_bitwise_with_ties(dtype):
     b = torch.tensor([0.0, -1.0, 1.0, -3.0, 0.0], dtype=dtype)
     x[0, :, :4, :4] = 0  # a zero region: windows where everything ties at 0 after ReLU
     outs, grads = [], []
-    for fn in (conv_relu_pool_reference, conv_pool_relu):
+    for fn in (conv_relu_pool_reference, conv_relu_pool_aten):
         xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
         out = fn(xs, ws, bs, 1)
         out.backward(torch.arange(out.numel(), dtype=dtype).view_as(out) % 7 - 3)
