@@ -141,7 +141,7 @@ def _model(name: str, kernel: str) -> nn.Module:
 def test_training_step_peak_memory(benchmark, provider, model_name, batch, amp):
     """One training step (forward, loss, backward): peak allocated memory in extra_info, time as the entry."""
     torch.manual_seed(0)
-    model = _model(model_name, "triton" if provider == "fused" else "torch").cuda()
+    model = _model(model_name, "fused" if provider == "fused" else "aten").cuda()
     model = model.to(memory_format=torch.channels_last)
     x = torch.randn(batch, 1, 28, 28, device="cuda").contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 10, (batch,), device="cuda")

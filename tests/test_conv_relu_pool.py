@@ -7,14 +7,19 @@ TRITON_INTERPRET=1 before import), so shapes stay small, and on the native CPU k
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
+from fastcnn.kernels.contract import MAX_KERNEL_SIZE, call_problem, conv_problem, pool_problem
+from fused_blocks import TwoBlocks  # also imported from here by test_conv_relu_pool_cpu.py
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastcnn.ops as ops
-from fastcnn.nn import ConvReLUPool2d, resolve_kernel
+from fastcnn.nn import ConvReLUPool2d, fusion_problem, resolve_kernel
 from fastcnn.ops import conv_relu_pool, conv_relu_pool_reference, fused_kernel_status
 
 DEVICE = "cuda" if torch.cuda.is_available() and not ops.INTERPRET_ON_CPU else "cpu"
@@ -186,22 +191,30 @@ def test_no_bias():
     check_against_reference(2, 3, 6, 8, 8, 3, 1, bias=False)
 
 
-def test_input_without_grad_skips_grad_input(monkeypatch):
-    def fail(*args, **kwargs):
-        raise AssertionError("grad_input was computed for an input that does not require it")
+class RecordedOps(TorchDispatchMode):
+    """The operators dispatched while it is active, with their arguments."""
 
-    real_aten_backward = ops._aten_backward
+    def __init__(self):
+        super().__init__()
+        self.calls = []
 
-    def aten_backward_without_input(*args):
-        if args[-1][0]:  # output_mask[0]: grad_input asked for
-            fail()
-        return real_aten_backward(*args)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((func, args))
+        return func(*args, **(kwargs or {}))
 
-    monkeypatch.setattr(ops, "_triton_backward_input", fail, raising=False)  # absent where triton cannot load
-    monkeypatch.setattr(ops._native, "conv_relu_pool_backward_input", fail)
-    # The aten branch (CPU without the interpreter) computes weight and bias gradients with it too.
-    monkeypatch.setattr(ops, "_aten_backward", aten_backward_without_input)
-    check_against_reference(3, 1, 6, 10, 10, 5, 0, x_grad=False)
+
+def test_input_without_grad_skips_grad_input():
+    x, wt, b, draw_grad = make_inputs(3, 1, 6, 10, 10, 5, x_grad=False)
+    out = conv_relu_pool(x, wt, b, 0)
+    with RecordedOps() as recorded:
+        out.backward(draw_grad(out.shape))
+    names = [str(func) for func, _ in recorded.calls]
+    assert "fastcnn.conv_relu_pool_backward_weight.default" in names  # the recorder sees the op's backward
+    assert "fastcnn.conv_relu_pool_backward_input.default" not in names, names
+    # The aten branch computes weight and bias gradients with convolution_backward: never the input's there either.
+    masks = [args[-1] for func, args in recorded.calls if func is torch.ops.aten.convolution_backward.default]
+    assert all(not mask[0] for mask in masks), masks
+    assert x.grad is None and wt.grad is not None and b.grad is not None
 
 
 def test_noncontiguous_input_and_grad():
@@ -365,22 +378,12 @@ def test_code_matches_between_branches(monkeypatch):
 # --------------------------------------------------------------------------------------------- compile, AMP
 
 
-class TwoBlocks(nn.Module):
-    def __init__(self, kernel):
-        super().__init__()
-        self.block1 = ConvReLUPool2d(3, 8, 3, padding=1, kernel=kernel)
-        self.block2 = ConvReLUPool2d(8, 4, 3, kernel=kernel)
-
-    def forward(self, x):
-        return self.block2(self.block1(x)).flatten(1).sum(1)
-
-
 @pytest.mark.skipif(DEVICE != "cpu", reason="CPU compile of the op's aten branch")
 def test_compile_fullgraph_traces_the_op(aten_branch):
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch.manual_seed(0)
-    model = TwoBlocks("triton")
+    model = TwoBlocks("fused")
     x = torch.randn(2, 3, 12, 12)
     eager = model(x)
     eager.sum().backward()
@@ -424,11 +427,22 @@ def test_autocast_casts_like_conv2d():
 def test_resolve_kernel(fused_backend):
     cpu = torch.device("cpu")
     # auto is the native kernel where it runs, and never the interpreter for training, even when it is on
-    assert resolve_kernel("auto", cpu) == ("triton" if fused_backend == "native" else "torch")
-    assert resolve_kernel("torch", cpu) == "torch"
-    assert resolve_kernel("triton", cpu) == "triton"
-    with pytest.raises(ValueError, match="kernel must be one of"):
+    assert resolve_kernel("auto", cpu) == ("fused" if fused_backend == "native" else "aten")
+    assert resolve_kernel("aten", cpu) == "aten"
+    assert resolve_kernel("fused", cpu) == "fused"
+    # the old names of the two implementations are still taken, and answered in the new ones
+    assert (resolve_kernel("torch", cpu), resolve_kernel("triton", cpu)) == ("aten", "fused")
+    assert resolve_kernel("aten", torch.device("meta")) == "aten"
+    with pytest.raises(ValueError, match="unknown kernel 'cudnn'"):
         resolve_kernel("cudnn", cpu)
+
+
+def test_module_takes_old_and_new_kernel_names_and_keeps_the_new_one():
+    assert [ConvReLUPool2d(1, 2, 3, kernel=name).kernel for name in ("auto", "fused", "aten", "triton", "torch")] == [
+        "auto", "fused", "aten", "fused", "aten"]
+    assert "kernel='fused'" in repr(ConvReLUPool2d(1, 2, 3, kernel="triton"))
+    with pytest.raises(ValueError, match="unknown kernel 'cuda'"):
+        ConvReLUPool2d(1, 2, 3, kernel="cuda")
 
 
 def test_auto_module_on_cpu_runs_the_reference_chain(monkeypatch, fused_backend):
@@ -448,14 +462,19 @@ def test_auto_module_on_cpu_runs_the_reference_chain(monkeypatch, fused_backend)
 
 def test_module_state_dict_and_from_conv():
     conv = nn.Conv2d(3, 6, 5, padding=2)
-    fused = ConvReLUPool2d.from_conv(conv, kernel="triton").to(DEVICE)
-    assert fused.weight is conv.weight
+    fused = ConvReLUPool2d.from_conv(conv, kernel="fused").to(DEVICE)
+    assert fused.weight is conv.weight and fused.kernel == "fused"
     plain = nn.Conv2d(3, 6, 5, padding=2)
     plain.load_state_dict(fused.state_dict())
     x = torch.randn(2, 3, 8, 8, device=DEVICE)
     assert_close(fused(x), conv_relu_pool_reference(x, conv.weight, conv.bias, 2), torch.float32, "output")
-    with pytest.raises(ValueError, match="stride"):
+    with pytest.raises(ValueError, match=r"cannot fuse .*stride \(2, 2\), needs 1 \(the fused op takes stride 1"):
         ConvReLUPool2d.from_conv(nn.Conv2d(3, 6, 3, stride=2))
+    # the kernels' rule, not only the module's arguments: a 9x9 kernel fuses no more than it runs
+    with pytest.raises(ValueError, match="kernel 9x9 larger than 7x7"):
+        ConvReLUPool2d.from_conv(nn.Conv2d(3, 6, 9))
+    with pytest.raises(ValueError, match="string padding"):
+        ConvReLUPool2d.from_conv(nn.Conv2d(3, 6, 3, padding="same"))
 
 
 def test_fused_kernel_status(monkeypatch, fused_backend):
@@ -480,9 +499,11 @@ def _t(*shape, dtype=torch.float32):
 
 @pytest.mark.parametrize("args, match", [
     ((_t(1, 3, 8, 8), _t(4, 3, 3, 5), None, 0), "square"),
-    ((_t(1, 3, 12, 12), _t(4, 3, 9, 9), None, 0), "kernel sizes"),
+    ((_t(1, 3, 12, 12), _t(4, 3, 9, 9), None, 0), "kernel 9x9 larger than 7x7"),
     ((_t(1, 3, 8, 8), _t(4, 3, 3, 3), None, 2), "padding"),
-    ((_t(1, 3, 8, 8), _t(4, 3, 3, 3), None, -1), "padding"),
+    ((_t(1, 3, 8, 8), _t(4, 3, 3, 3), None, -1), "negative padding -1"),
+    ((_t(1, 3, 8, 8), _t(4, 3, 3, 3), None, 1.0), "padding=1.0, needs an int"),
+    ((_t(1, 3, 8, 8), _t(4, 3, 3, 3), None, True), "padding=True, needs an int"),
     ((_t(1, 2, 8, 8), _t(4, 3, 3, 3), None, 0), "channels"),
     ((_t(1, 3, 8, 8, dtype=torch.float64), _t(4, 3, 3, 3, dtype=torch.float64), None, 0), "float32"),
     ((_t(1, 3, 8, 8), _t(4, 3, 3, 3, dtype=torch.float16), None, 0), "dtype"),
@@ -490,8 +511,74 @@ def _t(*shape, dtype=torch.float32):
     ((_t(1, 3, 8, 8), _t(4, 3, 3, 3), _t(5), 0), "bias"),
     ((_t(1, 3, 3, 8), _t(4, 3, 3, 3), None, 0), "at least 1x1"),
     ((_t(3, 8, 8), _t(4, 3, 3, 3), None, 0), "4-d"),
-], ids=["nonsquare", "k9", "pad2k3", "negpad", "cin", "fp64", "mixed", "biasdtype", "biasshape", "tiny",
-        "3d"])
+], ids=["nonsquare", "k9", "pad2k3", "negpad", "floatpad", "boolpad", "cin", "fp64", "mixed", "biasdtype",
+        "biasshape", "tiny", "3d"])
 def test_bad_inputs_raise(args, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match) as raised:
         conv_relu_pool(*args)
+    assert str(raised.value).startswith("conv_relu_pool: ") and "\n" not in str(raised.value)
+
+
+# --------------------------------------------------------------------------------------------- the contract
+
+
+@pytest.mark.parametrize("conv, reason", [
+    (dict(kernel_size=3), None),
+    (dict(kernel_size=(7, 7), padding=(3, 3), stride=(1, 1), dilation=[1]), None),
+    (dict(kernel_size=1, padding=0), None),
+    (dict(kernel_size=(3, 5)), "non-square kernel 3x5"),
+    (dict(kernel_size=8), "kernel 8x8 larger than 7x7"),
+    (dict(kernel_size=0), "empty kernel 0x0"),
+    (dict(kernel_size=3.0), "kernel_size=3.0, needs an int"),
+    (dict(kernel_size=3, stride=(1, 2)), "stride (1, 2), needs 1"),
+    (dict(kernel_size=3, dilation=2), "dilation (2, 2), needs 1"),
+    (dict(kernel_size=3, groups=3), "groups=3, needs 1"),
+    (dict(kernel_size=3, padding="same"), "padding='same' (string padding)"),
+    (dict(kernel_size=3, padding=(0, 1)), "asymmetric padding (0, 1)"),
+    (dict(kernel_size=3, padding=-1), "negative padding -1"),
+    (dict(kernel_size=1, padding=1), "padding 1 larger than kernel_size // 2 = 0"),
+    (dict(kernel_size=4, padding=2), None),  # even kernels: padding up to k // 2 still leaves a valid output
+    (dict(kernel_size=3, padding=1, padding_mode="circular"), "padding_mode='circular', needs 'zeros'"),
+    (dict(kernel_size=True), "kernel_size=True, needs an int"),
+], ids=lambda v: str(v))
+def test_the_conv_rule_on_awkward_arguments(conv, reason):
+    arguments = dict(conv)
+    problem = conv_problem(arguments.pop("kernel_size"), **arguments)
+    if reason is None:
+        assert problem is None
+    else:
+        assert problem is not None and problem.startswith(reason), problem
+
+
+def test_one_rule_for_the_op_the_module_and_accelerate():
+    # Every nn.Conv2d the rule accepts, from_conv fuses and the op computes; everything else is refused by all
+    # three with the rule's own words.
+    assert MAX_KERNEL_SIZE == 7
+    for k in range(1, MAX_KERNEL_SIZE + 2):
+        for padding in (0, k // 2, k // 2 + 1):
+            conv = nn.Conv2d(2, 3, k, padding=padding)
+            problem = fusion_problem(conv)
+            x = torch.zeros(1, 2, 2 * k + 2, 2 * k + 2)
+            assert problem == call_problem(x, conv.weight, conv.bias, padding), (k, padding)
+            if problem is None:
+                ConvReLUPool2d.from_conv(conv)
+            else:
+                with pytest.raises(ValueError, match=re.escape(problem)):
+                    ConvReLUPool2d.from_conv(conv)
+            assert (problem is None) == (k <= MAX_KERNEL_SIZE and padding <= k // 2)
+
+
+@pytest.mark.parametrize("pool, reason", [
+    (dict(kernel_size=2), None),
+    (dict(kernel_size=(2, 2), stride=(2, 2)), None),
+    (dict(kernel_size=2, stride=()), None),  # what nn.MaxPool2d(2) hands F.max_pool2d: the default stride
+    (dict(kernel_size=2, stride=[2]), None),
+    (dict(kernel_size=3), "max pool kernel_size=3, needs 2"),
+    (dict(kernel_size=2, stride=1), "max pool stride=1, needs 2"),
+    (dict(kernel_size=2, padding=1), "max pool padding=1, needs 0"),
+    (dict(kernel_size=2, dilation=2), "max pool dilation=2, needs 1"),
+    (dict(kernel_size=2, ceil_mode=True), "max pool ceil_mode=True"),
+    (dict(kernel_size=2, return_indices=True), "max pool return_indices=True"),
+], ids=lambda v: str(v))
+def test_the_pool_rule(pool, reason):
+    assert pool_problem(**pool) == reason
