@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import io
+import pickle
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -359,8 +361,11 @@ def test_channels_last_fuse_false_and_kernel_option():
     model = SimpleCNN()
     x = torch.randn(2, 1, 28, 28)
     expected = model(x)
-    fast = accelerate(model, channels_last=True, kernel="torch")
-    assert fast.conv1.kernel == "torch" and fast.fastcnn_report.kernel == "torch"
+    fast = accelerate(model, channels_last=True, kernel="aten")
+    assert fast.conv1.kernel == "aten" and fast.fastcnn_report.kernel == "aten"
+    assert "kernel='aten'" in str(fast.fastcnn_report)
+    old_name = accelerate(SimpleCNN(), kernel="torch")  # the old name of aten, still taken and reported as aten
+    assert old_name.conv1.kernel == "aten" and old_name.fastcnn_report.kernel == "aten"
     assert fast.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(fast(x.to(memory_format=torch.channels_last)), expected)
     plain = accelerate(SimpleCNN(), fuse=False)
@@ -394,8 +399,8 @@ def test_triton_kernel_on_one_tiny_input():
     # Under TRITON_INTERPRET=1 (conftest) this runs the fused op's real kernel code, so the input stays tiny.
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
-    fast = accelerate(model, kernel="triton")
-    assert fast[0].kernel == "triton"
+    fast = accelerate(model, kernel="triton")  # the old name of fused
+    assert fast[0].kernel == "fused" and fast.fastcnn_report.kernel == "fused"
     x = torch.randn(1, 1, 6, 6, requires_grad=True)
     out, expected = fast(x), model(x)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
@@ -418,9 +423,14 @@ def test_report_is_reachable_printed_and_exported(capsys):
     fast = fastcnn.accelerate(Network(), verbose=True)
     printed = capsys.readouterr().out
     assert "2 chain(s) fused, 0 skipped" in printed and "conv2" in printed
+    assert printed == str(fast.fastcnn_report) + "\n"  # verbose prints the report once, and nothing else
     assert isinstance(accelerate_report(fast), AccelerateReport)
     assert accelerate_report(fast) is fast.fastcnn_report
-    assert fastcnn.accelerate(SimpleCNN()).fastcnn_report.fused  # the package attribute stays callable
+    assert capsys.readouterr().out == ""  # reading the report back prints nothing: printing it is the user's call
+    print(accelerate_report(fast))
+    assert capsys.readouterr().out == printed
+    assert fastcnn.accelerate(SimpleCNN()).fastcnn_report.fused
+    assert capsys.readouterr().out == ""  # not verbose: silent
     try:
         accelerate_report(Network())
     except ValueError as err:
@@ -438,6 +448,33 @@ def test_compile_on_cpu_matches_eager():
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_the_function_and_the_package_share_the_name_fastcnn_accelerate():
+    # fastcnn.accelerate is the function once fastcnn is imported; the package of the same name still imports.
+    from fastcnn.accelerate import accelerate as from_the_package
+    from fastcnn.accelerate import match, report, rewrite
+
+    assert fastcnn.accelerate is from_the_package is accelerate and callable(fastcnn.accelerate)
+    assert sys.modules["fastcnn.accelerate"].accelerate is accelerate
+    assert (match.__name__, report.__name__, rewrite.__name__) == (
+        "fastcnn.accelerate.match", "fastcnn.accelerate.report", "fastcnn.accelerate.rewrite")
+    assert fused_modules(fastcnn.accelerate(SimpleCNN())) == fused_modules(from_the_package(SimpleCNN())) == ["conv1"]
+
+
+def test_a_pickle_from_before_the_package_split_still_loads():
+    # Such pickles name the loader of a rewritten class fastcnn.accelerate._new_rewritten (protocol 2 writes the
+    # name as text, so an old one can be made from a new one).
+    torch.manual_seed(0)
+    model = Network()
+    fast = accelerate(model)
+    data = pickle.dumps(fast, protocol=2)
+    assert b"fastcnn.accelerate.rewrite\n_new_rewritten" in data
+    old = data.replace(b"fastcnn.accelerate.rewrite\n_new_rewritten", b"fastcnn.accelerate\n_new_rewritten")
+    loaded = pickle.loads(old)
+    assert fused_modules(loaded) == ["conv1", "conv2"] and "max_pool2d" not in loaded.fastcnn_code
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(loaded(x), model(x))
 
 
 # ------------------------------------------------------------------------------------ property
