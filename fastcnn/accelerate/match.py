@@ -1,6 +1,6 @@
 """Finding the fusable ``Conv2d -> ReLU -> MaxPool2d(2, 2)`` chains of a module tree, and how each can be fused.
 
-Three steps, each a function of this module:
+Three steps, each a name of this module (``rewrite`` carries the plans out):
 
 1. ``ModuleTree(root)``: who calls which module. Every module whose ``forward`` could call a ``Conv2d`` is traced
    with torch.fx, one module at a time (its children stay opaque ``call_module`` nodes); a stock
