@@ -1,8 +1,10 @@
-"""``fastcnn env``: versions, devices, and which fastcnn features work here (and why not). Paste it into bug
-reports; summary.json and benchmark results carry the same facts."""
+"""Facts about this machine and installation that every result carries (summary.json, bench and eval JSON):
+versions, device names, the source commit. ``fastcnn env`` prints them with what works here
+(``fastcnn.env_report``)."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import os
 import pathlib
@@ -30,11 +32,9 @@ def dali_version() -> str | None:
 
 
 def versions() -> dict:
-    import fastcnn
-
     return {
         "python": platform.python_version(),
-        "fastcnn": fastcnn.__version__,
+        "fastcnn": package_version("fastcnn"),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton": package_version("triton", "pytorch-triton"),
@@ -64,50 +64,13 @@ def git_commit() -> str | None:
     return commit + ("-dirty" if dirty else "") if commit else None
 
 
-def features() -> dict[str, tuple[bool, str]]:
-    """Feature name -> (available, why or why not)."""
-    from fastcnn import ops
-    from fastcnn.data.dali_status import dali_status
-    from fastcnn.ops import fused_kernel_status
-
-    cuda = torch.cuda.is_available()
-    found = {}
-    device = torch.device("cuda" if cuda else "cpu")
-    if cuda:
-        found["fused Triton kernel"] = fused_kernel_status(device)
-    else:
-        found["fused Triton kernel"] = (False, "needs a CUDA GPU" + (
-            "; TRITON_INTERPRET=1 runs it on this CPU under the interpreter, for tests" if ops.INTERPRET_ON_CPU
-            else ""))
-    found["native CPU kernel"] = (ops.native_runs_on_cpu(), ops.native_kernel_status())
-    found["DALI loader"] = dali_status()
-    found["CUDA graphs"] = (False, "needs a CUDA GPU") if not cuda else (
-        True, "--cuda-graph (off by default: not yet measured on a GPU)")
-    found["AMP bfloat16"] = (True, "CPU autocast") if not cuda else (
-        (True, "supported by this GPU") if torch.cuda.is_bf16_supported() else (False, "GPU lacks bf16; float16 used"))
-    found["torch.compile"] = (True, "Inductor on " + ("GPU (Triton)" if cuda else "CPU (C++)"))
-    return found
+_MOVED_TO_ENV_REPORT = ("collect", "features", "format_report")
 
 
-def collect() -> dict:
-    info = {"versions": versions(), "platform": platform.platform(), "git_commit": git_commit()}
-    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    info["devices"] = {d: device_name(d) for d in devices}
-    info["features"] = {name: {"available": ok, "detail": why} for name, (ok, why) in features().items()}
-    info["environment"] = {key: os.environ[key] for key in ("FASTCNN_DATA", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")
-                           if key in os.environ}
-    return info
-
-
-def format_report(info: dict) -> str:
-    lines = ["fastcnn environment", ""]
-    lines += [f"  {name:<12} {value or 'not installed'}" for name, value in info["versions"].items()]
-    lines += [f"  {'platform':<12} {info['platform']}", f"  {'git commit':<12} {info['git_commit'] or '-'}", "",
-              "devices"]
-    lines += [f"  {name:<12} {desc}" for name, desc in info["devices"].items()]
-    lines += ["", "features"]
-    for name, state in info["features"].items():
-        lines.append(f"  {'yes' if state['available'] else 'no ':<4} {name:<20} {state['detail']}")
-    if info["environment"]:
-        lines += ["", "environment"] + [f"  {k}={v}" for k, v in info["environment"].items()]
-    return "\n".join(lines)
+def __getattr__(name: str):
+    # kept for importers outside this module until they move (bench/gpu_session.sh calls env.collect and
+    # env.format_report): the report lives in fastcnn.env_report, which sits above the modules that import this
+    # one (kernel_choice), so only a lookup at first use can re-export it.
+    if name in _MOVED_TO_ENV_REPORT:
+        return getattr(importlib.import_module("fastcnn.env_report"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

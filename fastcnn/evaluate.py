@@ -18,7 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastcnn.checkpoint import atomic_write_bytes, checkpoint_file, load_checkpoint
+from fastcnn.config import AMP_DTYPES, pick_device
+from fastcnn.data import DeviceLoader, load_dataset
+from fastcnn.env import device_name, versions
 from fastcnn.errors import FastcnnError, UsageError
+from fastcnn.models import MODELS, build_model
+from fastcnn.report import format_table, write_json
+from fastcnn.vocabulary import canonical_kernel
 
 EVAL_FILES = ("eval.json", "confusion.png")
 EVAL_BATCH_SIZE = 1000  # what `fastcnn train` evaluates with (at least the run's batch size)
@@ -38,22 +45,20 @@ class LoadedModel:
 
 def load_model(path: str | pathlib.Path, *, device: torch.device | str = "cpu", kernel: str | None = None,
                channels_last: bool = False) -> LoadedModel:
-    """Rebuild the model saved in checkpoint ``path`` (read with ``weights_only=True`` via ``load_checkpoint``).
+    """Rebuild the model saved in checkpoint ``path``, a checkpoint file or its run folder (read with
+    ``weights_only=True`` via ``load_checkpoint``).
 
     ``kernel`` overrides the run's Conv-ReLU-Pool implementation choice. Raises FastcnnError, naming the
     checkpoint, when it is not a usable fastcnn checkpoint or its weights do not fit its model.
     """
-    from fastcnn.checkpoint import load_checkpoint
-    from fastcnn.models import MODELS, build_model
-
-    path = pathlib.Path(path)
+    path = checkpoint_file(path)
     state = load_checkpoint(path)
     name, config, weights = state.get("model_name"), state.get("config"), state.get("model")
     if name not in MODELS or not isinstance(config, dict) or not isinstance(weights, dict):
         raise FastcnnError(f"cannot use checkpoint {path}: it lacks a known model name, configuration or weights "
                            f"(model {name!r}); was it written by another version of fastcnn?")
     classes = state.get("classes") or [str(i) for i in range(10)]  # checkpoints record their class names
-    model = build_model(name, kernel=kernel or config.get("kernel", "auto"),
+    model = build_model(name, kernel=run_kernel(kernel, config),
                         reference_impl=bool(config.get("reference_model", False)), num_classes=len(classes),
                         image_shape=tuple(state.get("image_shape") or (1, 28, 28)),
                         widths=tuple(config["widths"]) if config.get("widths") else None)
@@ -68,6 +73,16 @@ def load_model(path: str | pathlib.Path, *, device: torch.device | str = "cpu", 
         model = model.to(memory_format=torch.channels_last)
     model.eval()
     return LoadedModel(model, name, config, state, path, device)
+
+
+def run_kernel(kernel: str | None, config: dict) -> str:
+    """The implementation to evaluate with: ``kernel`` when given, else the run's, in the current vocabulary
+    (a checkpoint written before the rename says triton or torch)."""
+    chosen = kernel or config.get("kernel") or "auto"
+    try:
+        return canonical_kernel(chosen)
+    except ValueError as err:
+        raise (UsageError(f"--kernel: {err}") if kernel else FastcnnError(f"the checkpoint's {err}")) from None
 
 
 def count_outputs(model: nn.Module) -> int:
@@ -130,12 +145,10 @@ def top_confusions(confusion: torch.Tensor, classes: list[str], count: int = 5) 
 
 def plot_confusion(path: pathlib.Path, confusion: torch.Tensor, classes: list[str], title: str) -> None:
     """confusion.png: counts annotated in each cell, class names on both axes (written atomically)."""
-    import matplotlib
+    import matplotlib  # imported when a plot is drawn: matplotlib takes a second to import, and not every caller plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from fastcnn.checkpoint import atomic_write_bytes
 
     matrix = confusion.numpy()
     n = len(classes)
@@ -158,56 +171,6 @@ def plot_confusion(path: pathlib.Path, confusion: torch.Tensor, classes: list[st
     plt.close(fig)
 
 
-def subset_arg(text: str) -> int | None:
-    """--test-subset: a positive count, or "all" (the whole test split; returned as 0)."""
-    if text == "all":
-        return 0
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number of images or 'all', got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 (or 'all'), got {value}")
-    return value
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the ``eval`` subcommand to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
-    from fastcnn.config import AMP_DTYPES, DEVICES
-    from fastcnn.data import DATASETS
-    from fastcnn.nn import KERNEL_CHOICES
-
-    p = subparsers.add_parser(
-        "eval", help="test accuracy, per-class accuracy and confusion matrix of a trained run",
-        description="Evaluate a checkpoint on the test split of its run's dataset, with the run's normalization, "
-        "autocast and layout settings; print accuracy, loss, per-class accuracy and the confusion matrix, and "
-        "write eval.json and confusion.png to --output (default: the checkpoint's folder).")
-    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint.pt written by `fastcnn train`")
-    g = p.add_argument_group("data (default: the run's)")
-    g.add_argument("--dataset", choices=DATASETS, help="evaluate on another dataset's test split")
-    g.add_argument("--data-dir", help="dataset root in torchvision's layout (default: the run's --data-dir, "
-                   "else $FASTCNN_DATA, else ./data)")
-    g.add_argument("--download", action=argparse.BooleanOptionalAction, default=None,
-                   help="download a missing dataset when the network allows (default: the run's setting)")
-    g.add_argument("--test-subset", type=subset_arg, metavar="N|all",
-                   help="evaluate the first N test images, or all of them (default: the run's --test-subset)")
-    g = p.add_argument_group("evaluation (default: the run's settings)")
-    g.add_argument("-b", "--batch-size", type=int, help="batch size (default: the run's, at least 1000, as "
-                   "`fastcnn train` evaluates)")
-    g.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda when a GPU is visible")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="autocast mixed precision")
-    g.add_argument("--amp-dtype", choices=sorted(AMP_DTYPES), help="autocast dtype")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="NHWC memory layout for data and model")
-    g.add_argument("--kernel", choices=KERNEL_CHOICES, help="Conv-ReLU-Pool implementation")
-    g = p.add_argument_group("output")
-    g.add_argument("--output", metavar="DIR", help="folder for eval.json and confusion.png "
-                   "(default: the checkpoint's folder)")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing eval.json / confusion.png")
-    g.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
-
-
 def check_output(output: pathlib.Path, overwrite: bool) -> None:
     if output.exists() and not output.is_dir():
         raise UsageError(f"--output {output} exists and is not a directory; choose another --output")
@@ -228,13 +191,8 @@ def evaluate_checkpoint(checkpoint: str | pathlib.Path, *, dataset: str | None =
     means the whole test split. Accuracies are percentages; ``confusion[i][j]`` counts test images of class i
     predicted as class j.
     """
-    from fastcnn import env
-    from fastcnn.config import AMP_DTYPES, pick_device
-    from fastcnn.data import DeviceLoader, load_dataset
-    from fastcnn.report import format_table, write_json
-
     stream = stream or sys.stdout
-    checkpoint = pathlib.Path(checkpoint)
+    checkpoint = checkpoint_file(checkpoint)  # a run folder means its checkpoint.pt
     output = pathlib.Path(output) if output is not None else checkpoint.parent
     if batch_size is not None and batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
@@ -267,7 +225,7 @@ def evaluate_checkpoint(checkpoint: str | pathlib.Path, *, dataset: str | None =
     # The test split in the shape the model was trained on: an image folder is decoded to it, another dataset
     # converted to it (and said so).
     channels, height, width = (int(v) for v in loaded.state.get("image_shape") or (1, 28, 28))
-    test_set = load_dataset(name, False, root=data_dir or cfg.get("data_dir"),
+    test_set = load_dataset(name, False, root=data_root(data_dir, name, cfg),
                             download=bool(cfg.get("download", True)) if download is None else download,
                             synthetic_size=synthetic_size, seed=seed, channels=channels, image_size=(height, width),
                             subset=subset)
@@ -297,9 +255,9 @@ def evaluate_checkpoint(checkpoint: str | pathlib.Path, *, dataset: str | None =
         epochs_trained=loaded.state.get("epoch"), classes=classes, per_class=per_class,
         confusion=confusion.tolist(), top_confusions=mistakes,
         settings=dict(batch_size=batch, test_subset=subset, amp=use_amp, amp_dtype=dtype_name if use_amp else None,
-                      channels_last=use_channels_last, kernel=kernel or cfg.get("kernel"),
+                      channels_last=use_channels_last, kernel=run_kernel(kernel, cfg),
                       reference_model=bool(cfg.get("reference_model", False)), mean=list(mean), std=list(std)),
-        notes=notes, device=str(torch_device), device_name=env.device_name(torch_device), versions=env.versions(),
+        notes=notes, device=str(torch_device), device_name=device_name(torch_device), versions=versions(),
         finished_at=datetime.datetime.now().isoformat(timespec="seconds"))
 
     output.mkdir(parents=True, exist_ok=True)
@@ -309,6 +267,15 @@ def evaluate_checkpoint(checkpoint: str | pathlib.Path, *, dataset: str | None =
     print_report(result, stream, format_table)
     print(f"\nwrote {output / 'eval.json'} and {output / 'confusion.png'}", file=stream)
     return result
+
+
+def data_root(data_dir: str | None, dataset: str, config: dict) -> str | None:
+    """Where to read ``dataset`` from: --data-dir; else the run's own --data-dir when it is the run's dataset; else
+    None, which means $FASTCNN_DATA, else ./data, as for `fastcnn train` (the run's folder of another dataset, an
+    image folder say, is no place to look for MNIST)."""
+    if data_dir is not None:
+        return data_dir
+    return config.get("data_dir") if dataset == config.get("dataset") else None
 
 
 def print_report(result: dict, stream, format_table) -> None:

@@ -26,13 +26,19 @@ import sys
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision import datasets
 
+from fastcnn.checkpoint import checkpoint_file
+from fastcnn.config import pick_device
+from fastcnn.data.device_loader import as_channel_tensor, normalize_uint8
+from fastcnn.data.image_headers import GRAY_MODES
 from fastcnn.errors import FastcnnError, UsageError
+from fastcnn.evaluate import count_outputs, load_model
+from fastcnn.vocabulary import FIT_CHOICES, INVERT_CHOICES
 
 FIELD = 28  # MNIST image side
 BOX = 20  # MNIST digits are size-normalized to fit this box
-INVERT_CHOICES = ("auto", "yes", "no")
-FIT_CHOICES = ("auto", "digit", "resize")
 PREDICT_BATCH = 1000
 DIGIT_DATASETS = ("mnist",)  # runs whose images were made by MNIST's digit preprocessing
 # After background removal, pixels above this (of 1.0) make the object's bounding box: low enough to keep the
@@ -42,8 +48,6 @@ OBJECT_THRESHOLD = 0.05
 
 def class_names(dataset: str, count: int) -> list[str]:
     """Class names of a dataset, as ``load_dataset`` gives them, without reading the data."""
-    from torchvision import datasets
-
     names = {"mnist": datasets.MNIST.classes, "fashion-mnist": datasets.FashionMNIST.classes}.get(dataset)
     if names is None or len(names) != count:
         return [str(i) for i in range(count)]
@@ -52,8 +56,6 @@ def class_names(dataset: str, count: int) -> list[str]:
 
 def open_image(path: str | pathlib.Path):
     """Open and decode an image file with PIL. Raises FastcnnError naming the file when it cannot be read."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     path = pathlib.Path(path)
     if not path.exists():
         raise FastcnnError(f"cannot read image {path}: no such file")
@@ -137,8 +139,6 @@ def preprocess(image, *, invert: str = "auto") -> tuple[np.ndarray, bool]:
 
     ``invert``: "yes", "no", or "auto" (invert when most border pixels are bright: a dark object on light paper).
     """
-    from PIL import Image
-
     if invert not in INVERT_CHOICES:
         raise ValueError(f"invert must be one of {INVERT_CHOICES}, got {invert!r}")
     gray = grayscale(image)
@@ -167,8 +167,6 @@ def predict_pixels(model: torch.nn.Module, pixels: torch.Tensor, *, mean, std,
                    device: torch.device) -> torch.Tensor:
     """Class probabilities (N, classes), float32, for uint8 (N, C, H, W) ``pixels`` in the model's input shape
     (fp32, no autocast)."""
-    from fastcnn.data.device_loader import as_channel_tensor, normalize_uint8
-
     channels = pixels.shape[1]
     mean, std = as_channel_tensor(mean, channels, device), as_channel_tensor(std, channels, device)
     chunks = [torch.softmax(model(normalize_uint8(chunk.to(device), mean, std)).float(), dim=1).cpu()
@@ -178,8 +176,6 @@ def predict_pixels(model: torch.nn.Module, pixels: torch.Tensor, *, mean, std,
 
 def is_color(image) -> bool:
     """Whether a PIL image is stored in colour (RGB, RGBA, CMYK, YCbCr, a palette with colours)."""
-    from fastcnn.data.image_headers import GRAY_MODES
-
     if image.mode in ("P", "PA"):
         palette = image.getpalette() or []
         return any(palette[i] != palette[i + 1] or palette[i] != palette[i + 2] for i in range(0, len(palette) - 2, 3))
@@ -190,8 +186,6 @@ def resize_like_training(image, shape: tuple[int, int, int]) -> tuple[np.ndarray
     """A PIL image -> (uint8 (C, H, W) in the training ``shape``, what was converted). This is what
     ``--dataset imagefolder`` makes of an image: alpha dropped, colour converted to ``C`` channels, resized to
     (H, W) when it is not that size already."""
-    from PIL import Image
-
     channels, height, width = shape
     converted = []
     color = is_color(image)
@@ -232,9 +226,6 @@ def predict_files(checkpoint: str | pathlib.Path, paths: list[str], *, top: int 
     probability, inverted, fit ("digit" or "resize", see the module docstring), converted (what was done to
     bring it to the training shape, in words), and ``top`` (the ``top`` most probable classes, most probable
     first)."""
-    from fastcnn.config import pick_device
-    from fastcnn.evaluate import count_outputs, load_model
-
     if top < 1:
         raise UsageError(f"--top must be at least 1, got {top}")
     if invert not in INVERT_CHOICES:
@@ -250,7 +241,7 @@ def predict_files(checkpoint: str | pathlib.Path, paths: list[str], *, top: int 
     try:
         mean, std = loaded.config["mean"], loaded.config["std"]
     except KeyError as err:
-        raise FastcnnError(f"checkpoint {checkpoint} has an incomplete configuration (no {err})") from None
+        raise FastcnnError(f"checkpoint {loaded.path} has an incomplete configuration (no {err})") from None
 
     prepared = []  # (uint8 (C, H, W), inverted, converted)
     for path in paths:
@@ -294,35 +285,6 @@ def format_line(result: dict, show_top: bool) -> str:
     return line
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the ``predict`` subcommand to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
-    from fastcnn.config import DEVICES
-    from fastcnn.nn import KERNEL_CHOICES
-
-    p = subparsers.add_parser(
-        "predict", help="classify PNG/JPEG images with a trained run",
-        description="Classify image files with a checkpoint. Each image is prepared the way the run's training "
-        "images were: for an MNIST run the way MNIST was made (grayscale, bright object on dark background, fitted "
-        "into a 20x20 box and centered by center of mass in 28x28); for every other run converted to the training "
-        "channels and resized to the training size. Then it is normalized with the run's mean/std. Prints one line "
-        "per image.")
-    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint.pt written by `fastcnn train`")
-    p.add_argument("images", metavar="IMAGE", nargs="+", help="PNG or JPEG files (any size, any mode)")
-    p.add_argument("--top", type=int, metavar="K", help="also show the K most probable classes")
-    p.add_argument("--fit", choices=FIT_CHOICES, default="auto",
-                   help="how to bring an image to the model's input: resize (to the training size and channels, "
-                   "as an image folder is decoded), digit (MNIST's preprocessing: 20x20 box, centre of mass, "
-                   "auto-invert), or auto: digit for runs trained on MNIST, resize for every other (default: auto)")
-    p.add_argument("--invert", choices=INVERT_CHOICES, default="auto",
-                   help="with --fit digit: make the object bright on a dark background as in MNIST: auto inverts "
-                   "images whose border is mostly bright (a dark digit on white paper) (default: auto)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of lines")
-    p.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda when a GPU is visible")
-    p.add_argument("--kernel", choices=KERNEL_CHOICES, help="Conv-ReLU-Pool implementation (default: the run's)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
-
-
 def run_command(args: argparse.Namespace, *, stream=None) -> int:
     """Entry point of ``fastcnn predict`` (args from the parser built by ``add_parser``)."""
     stream = stream or sys.stdout
@@ -331,7 +293,8 @@ def run_command(args: argparse.Namespace, *, stream=None) -> int:
     for note in conversion_notes(results):
         print(f"note: {note}", file=sys.stderr)
     if args.json:
-        print(json.dumps(dict(checkpoint=str(args.checkpoint), predictions=results), indent=2), file=stream)
+        checkpoint = checkpoint_file(args.checkpoint)  # a run folder: the file its predictions came from
+        print(json.dumps(dict(checkpoint=str(checkpoint), predictions=results), indent=2), file=stream)
     else:
         for result in results:
             print(format_line(result, args.top is not None), file=stream)

@@ -21,3 +21,22 @@ def canonical_kernel(name: str) -> str:
         known = ", ".join([*KERNELS, *KERNEL_ALIASES])
         raise ValueError(f"unknown kernel {name!r}: choose one of {known}")
     return name
+
+
+# The other names users type, for the CLI's choices and --help. The registries behind most of them live in
+# torch-importing modules (models, recipes, config, engine, data); tests/test_vocabulary.py checks that each
+# tuple here names exactly what its registry holds, in the same order.
+MODEL_NAMES = ("cifarnet", "fastnet", "lenet", "mnistfast", "simplecnn")  # models.MODELS, sorted
+RECIPE_NAMES = ("cifar10", "public", "speedrun")  # recipes.RECIPES, sorted
+DATASETS = ("mnist", "fashion-mnist", "synthetic", "imagefolder", "cifar10")  # data.DATASETS
+LOADERS = ("device", "dali", "torch")  # data.LOADERS; "torch" is torchvision's DataLoader, not a kernel
+CHANNEL_CHOICES = (1, 3)  # grayscale or RGB
+PRESETS = ("fast", "reference")
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "onecycle")  # engine.SCHEDULES
+DEVICES = ("auto", "cpu", "cuda")
+AMP_DTYPE_NAMES = ("bfloat16", "float16")  # config.AMP_DTYPES, sorted
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# fastcnn predict: how an image is brought to the model's input, and whether a digit is inverted
+FIT_CHOICES = ("auto", "digit", "resize")
+INVERT_CHOICES = ("auto", "yes", "no")

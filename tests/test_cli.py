@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from helpers import run_cli
 
 from fastcnn.cli import main
 
@@ -210,3 +211,46 @@ def test_augmentation_needs_the_dali_loader_and_the_tutorial_models_take_any_sha
     assert "3 classes (hbar, square, vbar), RGB 3x53x53" in capsys.readouterr().out
     checkpoint = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
     assert checkpoint["image_shape"] == [3, 53, 53] and checkpoint["config"]["reference_model"]
+
+
+def help_of(command, flag):
+    from fastcnn.cli import build_parser
+
+    parser = build_parser().subcommands[command]
+    return " ".join(next(a.help for a in parser._actions if flag in a.option_strings).split())
+
+
+def test_help_texts_say_what_the_presets_do():
+    from fastcnn.env_report import cuda_graph_feature
+
+    assert "on in the fast preset, on a CPU and on CUDA" in help_of("train", "--fused-opt")
+    assert "slower" not in help_of("train", "--deterministic")
+    assert "no measurable cost on the CPU" in help_of("train", "--deterministic")
+    available, detail = cuda_graph_feature(True)
+    assert available and "on in the fast preset" in detail and "off by default" not in detail
+    assert cuda_graph_feature(False) == (False, "needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("command", ["train", "bench", "eval", "predict"])
+def test_kernel_takes_the_new_names_and_the_old_ones(command, capsys):
+    from fastcnn.cli import build_parser
+
+    text = help_of(command, "--kernel")
+    for word in ("fused", "aten", "auto", "triton (fused)", "torch (aten)", "still accepted"):
+        assert word in text, (word, text)
+    positionals = {"eval": ["run"], "predict": ["run", "a.png"]}.get(command, [])
+    for given, meant in (("fused", "fused"), ("aten", "aten"), ("auto", "auto"), ("triton", "fused"),
+                         ("torch", "aten")):
+        assert build_parser().parse_args([command, *positionals, "--kernel", given]).kernel == meant
+    code, out, _ = run_cli([command, "--help"], capsys)
+    assert code == 0 and "--kernel {auto,fused,aten}" in out
+
+
+def test_verbose_is_a_train_and_bench_flag(capsys):
+    from fastcnn.cli import build_parser
+
+    for command in ("train", "bench"):
+        assert build_parser().parse_args([command]).verbose is False
+        assert build_parser().parse_args([command, "--verbose"]).verbose is True
+    code, _, err = run_cli(["eval", "run", "--verbose"], capsys)
+    assert code == 2 and "unrecognized arguments: --verbose" in err

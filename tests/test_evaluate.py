@@ -170,3 +170,73 @@ def test_eval_on_real_data_subsets(model, dataset, class7, data_root, tmp_path_f
     assert abs(result["accuracy"] - summary["test_acc"]) <= 1e-9 and result["accuracy"] > 60
     assert result["classes"][7] == class7 and class7 in out
     check_consistent(result, load_dataset(dataset, False, root=data_root, download=False).labels[:1000])
+
+
+def test_a_run_folder_is_taken_for_its_checkpoint_and_gets_the_results(fast_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(fast_run[0], run)
+    code, out, err = run_eval([str(run)], capsys)
+    assert code == 0, err
+    result = json.loads((run / "eval.json").read_text())  # beside the checkpoint, not in the folder above
+    assert result["checkpoint"] == str(run / "checkpoint.pt") and (run / "confusion.png").exists()
+    assert not (tmp_path / "eval.json").exists()
+    assert abs(result["accuracy"] - fast_run[1]["test_acc"]) <= 1e-9
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("empty", ["the file is empty"]),
+    ("truncated", ["truncated or damaged"]),
+    ("folder", ["holds no checkpoint.pt", "run folder"]),
+])
+def test_damaged_checkpoints_and_empty_folders_are_one_line(damage, words, fast_run, tmp_path, capsys):
+    path = tmp_path / "checkpoint.pt"
+    data = (fast_run[0] / "checkpoint.pt").read_bytes()
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated":
+        path.write_bytes(data[:len(data) // 2])
+    code, out, err = run_eval([str(tmp_path)], capsys)
+    assert code == 1 and out == ""
+    assert_one_line_error(err, str(tmp_path), *words)
+    assert len(err) < 300, err
+
+
+def test_another_dataset_is_read_from_fastcnn_data_not_from_the_runs_folder(fast_run, tmp_path, capsys,
+                                                                            monkeypatch):
+    # A run trained with --data-dir (an image folder, say) recorded that folder; --dataset mnist looks for MNIST
+    # where `fastcnn train` would: $FASTCNN_DATA.
+    state = torch.load(fast_run[0] / "checkpoint.pt", weights_only=True)
+    state["config"]["data_dir"] = str(tmp_path / "the-runs-own-folder")
+    torch.save(state, tmp_path / "checkpoint.pt")
+    monkeypatch.setenv("FASTCNN_DATA", str(tmp_path / "shared-data"))
+    code, _, err = run_eval([str(tmp_path), "--dataset", "mnist", "--no-download"], capsys)
+    assert code == 1
+    assert_one_line_error(err, str(tmp_path / "shared-data"))
+    assert "the-runs-own-folder" not in err
+    # the run's own dataset still comes from the run's own folder (synthetic needs none, so it simply works)
+    code, _, err = run_eval([str(tmp_path), "--overwrite"], capsys)
+    assert code == 0, err
+
+
+def test_fastcnn_data_serves_eval_of_another_dataset(fast_run, data_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FASTCNN_DATA", str(data_root))
+    code, out, err = run_eval([str(fast_run[0] / "checkpoint.pt"), "--dataset", "mnist", "--test-subset", "200",
+                               "--no-download", "--output", str(tmp_path)], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "eval.json").read_text())["dataset"] == "mnist"
+
+
+def test_kernel_names_old_and_new_are_recorded_in_the_new_vocabulary(fast_run, tmp_path, capsys):
+    checkpoint = str(fast_run[0] / "checkpoint.pt")
+    for given, recorded in (("triton", "fused"), ("aten", "aten"), ("torch", "aten")):
+        code, _, err = run_eval([checkpoint, "--kernel", given, "--output", str(tmp_path / given)], capsys)
+        assert code == 0, err
+        assert json.loads((tmp_path / given / "eval.json").read_text())["settings"]["kernel"] == recorded
+    state = torch.load(fast_run[0] / "checkpoint.pt", weights_only=True)
+    state["config"]["kernel"] = "torch"  # a checkpoint written before the rename
+    torch.save(state, tmp_path / "checkpoint.pt")
+    code, _, err = run_eval([str(tmp_path / "checkpoint.pt")], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "eval.json").read_text())["settings"]["kernel"] == "aten"

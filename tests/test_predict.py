@@ -149,6 +149,12 @@ def test_command_output_lines_top_and_json(mnist_test, checkpoint, tmp_path, cap
     assert [p["path"] for p in data["predictions"]] == paths
     assert all(len(p["top"]) == 2 and p["inverted"] for p in data["predictions"])
     assert data["predictions"][1]["class"] == "7 - seven"
+    # the run folder stands for its checkpoint
+    code, out, err = run_predict([str(checkpoint.parent), *paths, "--json"], capsys)
+    assert code == 0, err
+    by_folder = json.loads(out)
+    assert by_folder["checkpoint"] == str(checkpoint)
+    assert [p["class"] for p in by_folder["predictions"]] == [p["class"] for p in data["predictions"]]
 
 
 @pytest.fixture
@@ -193,6 +199,11 @@ def test_bad_checkpoint_and_arguments(bad_files, checkpoint, tmp_path, capsys):
     code, _, err = run_predict([str(checkpoint), str(bad_files["good"]), "--invert", "maybe"], capsys)
     assert code == 2
     assert_one_line_error(err, "--invert")
+    code, _, err = run_predict([str(tmp_path), str(bad_files["good"])], capsys)  # a folder without a run
+    assert code == 1
+    assert_one_line_error(err, str(tmp_path), "holds no checkpoint.pt")
+    code, out, err = run_predict([str(checkpoint), str(bad_files["good"]), "--kernel", "triton"], capsys)
+    assert code == 0 and out.startswith(str(bad_files["good"])), err
 
 
 # --- every other run: images are prepared the way its training images were (resize to its shape) ---------------
