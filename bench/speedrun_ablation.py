@@ -15,14 +15,15 @@ import datetime
 import io
 import json
 import pathlib
-import statistics
 import sys
 import tempfile
 
 from fastcnn import env
+from fastcnn.build import load_splits
 from fastcnn.config import TrainConfig, resolve
 from fastcnn.report import format_table
-from fastcnn.train import load_splits, run_training
+from fastcnn.runs import mean_std
+from fastcnn.train import run_training
 
 # (name, what it changes, TrainConfig fields, the same as fastcnn train flags)
 VARIANTS = {
@@ -79,13 +80,11 @@ def main(argv=None) -> int:
                       file=sys.stderr)
     rows = []
     for name, what, _, flags in variants:
-        accs = [r["test_acc"] for r in runs[name]]
-        secs = [r["train_seconds"] for r in runs[name]]
+        test_acc, test_acc_std = mean_std([r["test_acc"] for r in runs[name]])
+        train_seconds, train_seconds_std = mean_std([r["train_seconds"] for r in runs[name]])
         command = f"fastcnn train --dataset {args.dataset} --device cpu {flags}"
-        rows.append(dict(variant=name, what=what, command=command,
-                         test_acc=statistics.fmean(accs), test_acc_std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                         train_seconds=statistics.fmean(secs),
-                         train_seconds_std=statistics.stdev(secs) if len(secs) > 1 else 0.0, per_run=runs[name]))
+        rows.append(dict(variant=name, what=what, command=command, test_acc=test_acc, test_acc_std=test_acc_std,
+                         train_seconds=train_seconds, train_seconds_std=train_seconds_std, per_run=runs[name]))
     columns = [("variant", "variant", "s"), ("test_acc", "test acc", ".2f"), ("test_acc_std", "±", ".2f"),
                ("train_seconds", "train s", ".2f"), ("train_seconds_std", "±", ".2f"), ("what", "what", "s")]
     print(format_table(rows, columns))

@@ -20,10 +20,10 @@ import torch
 
 from fastcnn import env
 from fastcnn.bench import ABLATION, BENCH_CONFIGS, configured
+from fastcnn.build import build_trainer, load_splits, warm_up
 from fastcnn.config import TrainConfig, resolve
 from fastcnn.engine import synchronize
 from fastcnn.errors import FastcnnError
-from fastcnn.train import build_trainer, load_splits, warm_up
 
 STEPS = 20
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",

@@ -1,15 +1,18 @@
 """Checkpoints: written atomically (temporary file, then rename) and read with ``weights_only=True`` only,
-so a checkpoint can never run code on load, and an interrupted write never leaves a broken file behind."""
+so a checkpoint can never run code on load, and an interrupted write never leaves a broken file behind; what a
+run's checkpoint holds (``RunRecord``, ``trainer_state``) and how a resumed run gets it back."""
 
 from __future__ import annotations
 
 import os
 import pathlib
 import tempfile
+from dataclasses import dataclass, field
 
 import torch
 
-from fastcnn.errors import FastcnnError
+from fastcnn.engine import Trainer
+from fastcnn.errors import FastcnnError, UsageError
 
 FORMAT = "fastcnn-checkpoint-v1"
 
@@ -114,3 +117,64 @@ def _unreadable(path: pathlib.Path, head: bytes, err: Exception) -> str:
                 "(a copy or a save that did not finish); copy it again, or train again")
     return (f"cannot read checkpoint {path}: not a readable torch checkpoint (this file is no torch.save archive); "
             f"pass a {CHECKPOINT_NAME} written by `fastcnn train`")
+
+
+@dataclass
+class RunRecord:
+    """What a run has done so far, as its checkpoints record it beside the weights: the finished epochs' rows
+    (``history``), every test evaluation (``evals``), the training and evaluation clocks, and where a stopped run
+    stopped (``epoch`` epochs finished, ``batch`` batches into the next, with that epoch's sums in ``partial``)."""
+
+    history: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    epoch: int = 0
+    batch: int = 0
+    partial: dict | None = None  # EpochProgress.to_dict() of the epoch a stop cut
+
+    def to_state(self) -> dict:
+        return dict(history=self.history, evals=self.evals, train_seconds=self.train_seconds,
+                    eval_seconds=self.eval_seconds, epoch=self.epoch, batch=self.batch, partial=self.partial)
+
+    @classmethod
+    def from_state(cls, state: dict) -> RunRecord:
+        return cls(list(state["history"]), list(state.get("evals", [])), state["train_seconds"],
+                   state.get("eval_seconds", 0.0), state["epoch"], state["batch"], state.get("partial"))
+
+
+def trainer_state(trainer: Trainer) -> dict:
+    """The trainer's part of a checkpoint: weights, optimizer, loss scaler and schedule."""
+    return dict(model=trainer.model.state_dict(), optimizer=trainer.optimizer.state_dict(),
+                scaler=trainer.scaler.state_dict() if trainer.scaler is not None else None,
+                scheduler=trainer.scheduler.state_dict() if trainer.scheduler is not None else None)
+
+
+def restore_trainer(trainer: Trainer, state: dict, *, schedule: str, total_steps: int, checkpoint: str) -> None:
+    """Put ``trainer`` back where checkpoint ``state`` left it. A schedule cannot be stretched mid-run: one saved
+    over another number of steps than this run's ``total_steps`` is refused."""
+    trainer.model.load_state_dict(state["model"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    if trainer.scaler is not None and state.get("scaler"):
+        trainer.scaler.load_state_dict(state["scaler"])
+    if trainer.cuda_graph:  # the checkpoint's lr tensor was loaded on the CPU: a graph needs it on the GPU
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=trainer.device)
+    if trainer.scheduler is not None and state.get("scheduler"):
+        saved_steps = state["scheduler"].get("total_steps")
+        if saved_steps is not None and saved_steps != total_steps:
+            raise UsageError(f"checkpoint {checkpoint} follows a {schedule} schedule over {saved_steps} steps; "
+                             f"this resume would need {total_steps} (another --epochs or dataset); a schedule "
+                             "cannot be stretched mid-run: resume with the same --epochs and data")
+        trainer.scheduler.load_state_dict(state["scheduler"])
+
+
+def capture_rng() -> dict:
+    return dict(torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -4,13 +4,13 @@ what will run (``resolve`` fills every field for the chosen device, and rejects 
 Presets:
 - ``reference``: the tutorial program exactly: torch DataLoader with per-sample transforms, the tutorial's own
   model class, eager fp32, contiguous NCHW.
-- ``fast``: what measurably helps on the device. CPU (2 cores, measured in DESIGN.md and the README): device-
-  resident data, channels-last, bf16 autocast, the fused optimizer, and the fused op's native CPU kernel
+- ``fast``: what measurably helps on the device. CPU (a 2-core machine, measured in the README's results):
+  device-resident data, channels-last, bf16 autocast, the fused optimizer, and the fused op's native CPU kernel
   (``kernel="auto"``: where measured faster, by default where it is built); torch.compile stays off there
   because it was slower. CUDA: the same plus torch.compile, the fused Triton kernel (``kernel="auto"``: where
-  measured faster) and
-  whole-step CUDA graphs, unless the run asks for something a graph cannot capture (float16, SGD, a compile mode
-  with graphs of its own): then the preset leaves graphs off, where an explicit ``--cuda-graph`` would be refused.
+  measured faster) and whole-step CUDA graphs, unless the run asks for something a graph cannot capture
+  (float16, SGD, a compile mode with graphs of its own): then the preset leaves graphs off, where an explicit
+  ``--cuda-graph`` would be refused.
 Explicit flags always override the preset.
 
 Data shape and normalization. ``channels`` / ``image_size`` left at None keep the dataset's own shape (an image
@@ -30,7 +30,7 @@ import torch
 from fastcnn.data import DATASETS, LOADERS
 from fastcnn.data.datasets import CHANNEL_CHOICES
 from fastcnn.engine import SCHEDULES
-from fastcnn.errors import NotAvailableError, UsageError
+from fastcnn.errors import FastcnnError, NotAvailableError, UsageError
 from fastcnn.models import get_spec
 from fastcnn.nn import KERNEL_CHOICES
 from fastcnn.recipes import default_dataset, get_recipe
@@ -146,7 +146,51 @@ class ResolvedConfig:
         return AMP_DTYPES[self.amp_dtype] if self.amp else None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The JSON form that summary.json and checkpoints record (tuples as lists)."""
+        data = dataclasses.asdict(self)
+        for key in _TUPLE_FIELDS:
+            data[key] = list(data[key]) if data[key] is not None else None
+        return data
+
+    @classmethod
+    def from_dict(cls, saved: dict, *, image_shape=None) -> ResolvedConfig:
+        """The configuration ``to_dict`` recorded, from a checkpoint of this or an older fastcnn: keys it no longer
+        knows are dropped, and one from before shapes were recorded gets ``image_shape`` (the checkpoint's; every
+        dataset was then decoded to 1x28x28). TypeError when a field it needs is missing."""
+        saved = dict(saved)
+        for key in _TUPLE_FIELDS:
+            if saved.get(key) is not None:
+                saved[key] = tuple(saved[key])
+        if "image_size" not in saved:
+            image_shape = image_shape or (1, 28, 28)
+            saved["channels"], saved["image_size"] = int(image_shape[0]), tuple(int(v) for v in image_shape[1:])
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in fields})
+
+
+_TUPLE_FIELDS = ("mean", "std", "synthetic_size", "betas", "widths", "image_size")
+
+
+def config_for_resume(state: dict, cfg: TrainConfig, checkpoint: str) -> ResolvedConfig:
+    """What a resumed run trains with: the checkpoint's own configuration, where only --epochs (to train longer)
+    and --data-dir may change. Refuses what cannot continue here (in one line naming ``checkpoint``)."""
+    try:
+        rc = ResolvedConfig.from_dict(state["config"], image_shape=state.get("image_shape"))
+    except TypeError as err:
+        raise FastcnnError(f"checkpoint {checkpoint} has an incompatible configuration ({err})") from None
+    changes = {}
+    if cfg.epochs is not None:
+        _require(cfg.epochs >= 1, f"--epochs must be at least 1, got {cfg.epochs}")
+        changes["epochs"] = cfg.epochs
+    if cfg.data_dir is not None:
+        changes["data_dir"] = cfg.data_dir
+    rc = dataclasses.replace(rc, **changes)
+    if rc.device == "cuda" and not torch.cuda.is_available():
+        raise FastcnnError(f"checkpoint {checkpoint} was trained on CUDA but no GPU is visible; resume it on a GPU")
+    if state["epoch"] >= rc.epochs:
+        raise UsageError(f"checkpoint {checkpoint} already finished {state['epoch']} of {rc.epochs} epochs; "
+                         f"pass --epochs N with N > {state['epoch']} to train longer")
+    return rc
 
 
 def pick_device(requested: str) -> str:

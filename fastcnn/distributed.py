@@ -3,23 +3,22 @@
 ``torchrun --nproc-per-node N -m fastcnn train ...`` starts N processes; each reads RANK / WORLD_SIZE /
 LOCAL_RANK from its environment (``DistributedContext.from_env``), trains on its own shard of every epoch with
 DistributedDataParallel, and only rank 0 writes logs, checkpoints and the summary. ``fastcnn train --nproc N``
-runs that torchrun command for you (``--nproc 1``: DistributedDataParallel of one process, which checks the
-data-parallel path on one GPU).
+runs that torchrun command for you (fastcnn.launch).
 
-Every rank must make the same collective calls in the same order, or the others wait in an all-reduce forever.
-So a rank never stops on its own: stop requests (SIGINT/SIGTERM) and non-finite losses are agreed on by all ranks
-together (``all_max_``, from ``fastcnn.train.StopAgreement``), and every rank stops, or raises, at the same step.
+Every rank must make the same collective calls in the same order, or the others wait in an all-reduce forever:
+stop requests and non-finite losses are agreed on by all ranks together (fastcnn.stopping, through ``all_max_``).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from fastcnn.engine import EpochProgress, EpochStats
 from fastcnn.errors import UsageError
 
 
@@ -115,69 +114,34 @@ def per_rank_batch_size(global_batch: int, world_size: int) -> int:
     return global_batch // world_size
 
 
-def launch(nproc: int, argv: list[str], cfg) -> int:
-    """Run ``fastcnn <argv>`` under torchrun with ``nproc`` processes on this machine.
-
-    Everything that can be checked once (arguments, dataset, output folder, GPU count) is checked here first, so
-    that a mistake is one line rather than one per process. Then this process becomes torchrun (exec), so that
-    Ctrl-C and SIGTERM reach torchrun, which passes them on to the workers; its exit status is the workers' (see
-    ``run_torchrun``).
-    """
-    from fastcnn.train import preflight
-
-    if nproc < 1:
-        raise UsageError(f"--nproc must be at least 1, got {nproc}")
-    if cfg.runs > 1:
-        raise UsageError("--runs and --nproc do not combine; run the data-parallel runs one by one")
-    rc = preflight(cfg)
-    if rc.device == "cuda" and nproc > torch.cuda.device_count():
-        raise UsageError(f"--nproc {nproc} needs {nproc} GPUs but {torch.cuda.device_count()} are visible; one "
-                         "process per GPU")
-    per_rank_batch_size(rc.batch_size, nproc)
-    command = [sys.executable, "-m", "fastcnn.distributed", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "fastcnn", *argv]
-    print("fastcnn: running " + " ".join(command[1:]), file=sys.stderr, flush=True)
-    os.execv(sys.executable, command)
-    return 1  # not reached
+def global_stats(stats: EpochStats, ctx: DistributedContext, device: torch.device) -> EpochStats:
+    """An epoch's training loss, accuracy and throughput over all ranks (the slowest rank's time)."""
+    if not ctx.enabled:
+        return stats
+    loss_sum, correct, samples = ctx.sum([stats.loss * stats.samples, stats.accuracy * stats.samples / 100.0,
+                                          float(stats.samples)], device)
+    seconds = ctx.max(stats.seconds, device)
+    return EpochStats(loss_sum / max(samples, 1), 100.0 * correct / max(samples, 1), int(samples), seconds)
 
 
-def strip_nproc(argv: list[str]) -> list[str]:
-    """argv without its --nproc option (so the launched processes do not launch again)."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            out.append(arg)
-    return out
+def global_progress(progress: EpochProgress, ctx: DistributedContext, device: torch.device) -> EpochProgress:
+    """The sums of an epoch in progress over all ranks (the slowest rank's time), for rank 0's checkpoint. Every
+    rank must call it at the same step."""
+    if not ctx.enabled:
+        return progress
+    loss_sum, correct, samples = ctx.sum([float(progress.loss_sum), float(progress.correct), float(progress.samples)],
+                                         device)
+    return EpochProgress(torch.tensor(loss_sum, dtype=torch.float64, device=device),
+                         torch.tensor(round(correct), dtype=torch.int64, device=device), round(samples),
+                         ctx.max(progress.seconds, device), progress.batches)
 
 
-def run_torchrun(args: list[str]) -> int:
-    """torchrun (``python -m torch.distributed.run``) with ``args``, exiting like one fastcnn process would.
-
-    torchrun itself exits 1, with a traceback, whenever a worker fails or it is signalled. Here the status is the
-    first failed worker's: 130/143 when the run was interrupted (the workers agreed to stop and rank 0 saved a
-    checkpoint), 1 when it diverged, 2 for a usage error, 128+N when a worker was killed by signal N; and
-    128+N when torchrun itself got signal N (it passed it on to the workers and waited for them).
-    """
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
-
-    try:
-        run(parse_args(args))
-    except ChildFailedError as failed:
-        rank, failure = failed.get_first_failure()
-        if failure.exitcode >= 0:
-            return failure.exitcode or 1
-        print(f"fastcnn: error: rank {rank} was killed by {failure.signal_name()}", file=sys.stderr)
-        return 128 - failure.exitcode
-    except SignalException as signalled:
-        return 128 + int(signalled.sigval)
-    return 0
+_MOVED_TO_LAUNCH = ("launch", "strip_nproc", "run_torchrun")
 
 
-if __name__ == "__main__":  # what ``launch`` execs
-    sys.exit(run_torchrun(sys.argv[1:]))
+def __getattr__(name: str):
+    # kept for importers outside this module until they move (fastcnn.cli imports launch and strip_nproc from
+    # here): they live in fastcnn.launch, which sits above this module, so only a lazy lookup can re-export them.
+    if name in _MOVED_TO_LAUNCH:
+        return getattr(importlib.import_module("fastcnn.launch"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

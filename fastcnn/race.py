@@ -10,15 +10,16 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import pathlib
-import statistics
 import sys
 import tempfile
 
-from fastcnn import env
+from fastcnn.build import load_splits
 from fastcnn.config import TrainConfig, resolve
+from fastcnn.env import device_name, git_commit, versions
 from fastcnn.errors import UsageError
 from fastcnn.report import atomic_write_bytes, format_table, refuse_existing, write_results
-from fastcnn.train import load_splits, run_training
+from fastcnn.runs import mean_std
+from fastcnn.train import run_training
 
 CONTENDERS = ("public", "speedrun")
 
@@ -53,25 +54,22 @@ def run_race(base: TrainConfig, *, runs: int = 3, eval_points: int = 10, log=Non
     for name in CONTENDERS:
         rows = results[name]
         rc = resolved[name]
+        test_acc, test_acc_std = mean_std([r["test_acc"] for r in rows])
+        train_seconds, train_seconds_std = mean_std([r["train_seconds"] for r in rows])
         contenders[name] = dict(
             recipe=name, model=rc.model, batch_size=rc.batch_size, epochs=rc.epochs, opt=rc.opt, lr=rc.lr,
             schedule=rc.schedule, label_smoothing=rc.label_smoothing,
             settings=dict(preset=rc.preset, loader=rc.loader, amp=rc.amp, channels_last=rc.channels_last,
                           compile=rc.compile, kernel=rc.kernel),
-            test_acc=statistics.fmean(r["test_acc"] for r in rows), test_acc_std=_std([r["test_acc"] for r in rows]),
-            train_seconds=statistics.fmean(r["train_seconds"] for r in rows),
-            train_seconds_std=_std([r["train_seconds"] for r in rows]), per_run=rows)
+            test_acc=test_acc, test_acc_std=test_acc_std, train_seconds=train_seconds,
+            train_seconds_std=train_seconds_std, per_run=rows)
     device = resolved["public"].torch_device
     return dict(
         dataset=dataset, runs=runs, target_acc=base.target_acc, device=str(device),
-        device_name=env.device_name(device), versions=env.versions(), git_commit=env.git_commit(),
+        device_name=device_name(device), versions=versions(), git_commit=git_commit(),
         command=" ".join(["fastcnn"] + sys.argv[1:]), date=datetime.datetime.now().isoformat(timespec="seconds"),
         contenders=contenders,
         speedup=contenders["public"]["train_seconds"] / contenders["speedrun"]["train_seconds"])
-
-
-def _std(values: list[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 class _Discard:

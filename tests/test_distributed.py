@@ -16,7 +16,8 @@ from fastcnn.cli import main
 from fastcnn.distributed import DistributedContext
 from fastcnn.engine import EpochProgress
 from fastcnn.errors import TrainingDivergedError
-from fastcnn.train import TEST_FAULT_ENV, Interrupted, StopAgreement, StopRequests
+from fastcnn.fault_injection import TEST_FAULT_ENV
+from fastcnn.stopping import Interrupted, StopAgreement, StopRequests
 
 # 4096 samples, global batch 64: 64 steps per epoch, so the ranks agree at step 50 inside an epoch and at its end.
 SUBSET = ["--train-subset", "4096", "--test-subset", "500", "-b", "64", "--no-amp", "--no-progress",
@@ -24,7 +25,7 @@ SUBSET = ["--train-subset", "4096", "--test-subset", "500", "-b", "64", "--no-am
 
 
 def fastcnn_train(args, data_root=None, *, fault=None, timeout=300):
-    """``fastcnn train ARGS`` in a subprocess; ``fault``: the test hook fastcnn.train.install_test_fault."""
+    """``fastcnn train ARGS`` in a subprocess; ``fault``: the test hook fastcnn.fault_injection."""
     # No Triton interpreter (conftest sets it for the kernel tests): these runs use the plain chain, which it slows.
     env = {k: v for k, v in os.environ.items() if k not in (TEST_FAULT_ENV, "TRITON_INTERPRET")}
     if data_root is not None:
