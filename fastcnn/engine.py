@@ -1,8 +1,9 @@
-"""The training step, epoch loop and evaluation: one implementation for every preset.
+"""The Trainer: its training step, epoch loop and evaluation; one implementation for every preset.
 
 What the fast path changes is set up once here (autocast, channels-last, torch.compile, the fused kernel
-inside the model); the loop itself never synchronizes with the device except to refresh the progress bar and
-to read the clock, so on a GPU the host runs ahead of the kernels.
+inside the model, and the step itself: eager or a whole-step graph, fastcnn.steps); the loop itself never
+synchronizes with the device except to refresh the progress bar and to read the clock, so on a GPU the host runs
+ahead of the kernels.
 """
 
 from __future__ import annotations
@@ -10,20 +11,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from fastcnn.errors import TrainingDivergedError
-
-if TYPE_CHECKING:
-    from fastcnn.kernel_choice import KernelTiming
+from fastcnn.kernel_choice import KernelTiming, apply_choices, choose_kernels
+from fastcnn.steps import CapturedStep, EagerStep, GraphedStep, StepParts, TrainStep, graph_policy
 
 PROGRESS_REFRESH_STEPS = 50
 
@@ -114,77 +113,69 @@ class EpochProgress:
 class Trainer:
     """Runs training steps and evaluation of ``model`` on ``device`` with the given speed options.
 
-    ``model`` is moved to the device (and to channels-last when asked) before the optimizer is built over its
-    parameters; ``compile`` wraps the model with torch.compile (the step's forward and backward compile).
+    Built in this order, each piece from the ones before: the model placed on the device (channels-last when
+    asked), the optimizer over its parameters, the schedule, float16's loss scaler, the DistributedDataParallel wrap,
+    torch.compile (the step's forward and backward compile), and the training step (``self.step``): an
+    ``EagerStep``, or a ``GraphedStep`` when ``cuda_graph`` (``fastcnn.steps.graph_policy`` decides, and refuses
+    what a graph cannot capture). ``make_step`` builds the step from the trainer's ``StepParts`` instead.
     """
 
     def __init__(self, model: nn.Module, *, device: torch.device, opt: str = "adam", lr: float = 1e-3,
                  amp_dtype: torch.dtype | None = None, channels_last: bool = False, compile: bool = False,
                  compile_mode: str = "default", betas: tuple[float, float] | None = None,
                  label_smoothing: float = 0.0, schedule: str = "constant", total_steps: int = 0,
-                 distributed: bool = False, cuda_graph: bool = False, fused_optimizer: bool = False):
-        self.device = device
-        self.model = model.to(device)
-        if channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        # As fastcnn.config.cuda_graph_conflict refuses them for the CLI: a replayed step would skip float16's loss
-        # scaling (the scaler checks for infinities on the host), and SGD reads a tensor lr on the host.
-        if cuda_graph and amp_dtype == torch.float16:
-            raise ValueError("CUDA graphs cannot capture float16 training (its GradScaler syncs with the host "
-                             "every step); use amp_dtype=torch.bfloat16 or no autocast")
-        if cuda_graph and opt != "adam":
-            raise ValueError(f"CUDA graphs need opt='adam' (capturable); {opt!r} reads the lr on the host")
-        if cuda_graph and device.type != "cuda":
-            raise ValueError("CUDA graphs need a CUDA device")
-        self.cuda_graph = cuda_graph
-        # "off", "on" (not captured yet), "captured", or why capture failed (training then runs eagerly)
-        self.graph_status = "on" if cuda_graph else "off"
-        self.compile = compile
+                 distributed: bool = False, cuda_graph: bool = False, fused_optimizer: bool = False,
+                 make_step: Callable[[StepParts], TrainStep] | None = None):
+        graphs = graph_policy(cuda_graph, device=device, amp_dtype=amp_dtype, opt=opt, distributed=distributed)
+        self.device, self.amp_dtype, self.label_smoothing = device, amp_dtype, label_smoothing
+        self.compile, self.distributed = compile, distributed
         self.kernel_timings = []  # fastcnn.kernel_choice.KernelTiming per measured call, filled by warm_up
-        self.graphed_step = None  # captured at the first full batch (fastcnn.cuda_graph.GraphedTrainStep)
-        self.replayed_last_step = False  # whether the last train_step was a graph replay
+        self.model = placed(model, device, channels_last)
         self.optimizer = build_optimizer(opt, self.model.parameters(), lr, betas,
-                                         capturable_on=device if cuda_graph else None, fused=fused_optimizer)
+                                         capturable_on=device if graphs is not None else None, fused=fused_optimizer)
         self.scheduler = build_schedule(schedule, self.optimizer, lr, total_steps)
-        self.label_smoothing = label_smoothing
-        self.amp_dtype = amp_dtype
-        # float16 needs loss scaling to keep small gradients; bfloat16 has fp32's range and does not.
-        self.scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-        train_model = self.model
-        self.distributed = distributed
-        self.graph_stream = None  # with cuda_graph and distributed: the stream DDP was built in (capture's too)
+        self.scaler = loss_scaler(device, amp_dtype)
+        train_model, self.graph_stream = self.model, None  # graph_stream: the side stream DDP was built in
         if distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            # "cuda" means this rank's GPU (set by DistributedContext): name it, or DDP would use cuda:0.
-            device_ids = [torch.cuda.current_device()] if device.type == "cuda" else None
-            if cuda_graph:
-                # PyTorch's CUDA-graphs notes, "Usage with DistributedDataParallel" (NCCL >= 2.9.6): DDP must be
-                # built in a side stream for its all-reduces to be captured with the backward pass. The graph
-                # warms up and captures in this same stream (fastcnn.cuda_graph). Defaults otherwise, as in the
-                # notes: every parameter gets a gradient every step (so neither find_unused_parameters nor
-                # static_graph), and gradients stay tensors of their own, allocated by the capture (no
-                # gradient_as_bucket_view).
-                self.graph_stream = torch.cuda.Stream()
-                self.graph_stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(self.graph_stream):
-                    train_model = DistributedDataParallel(self.model, device_ids=device_ids)
-                torch.cuda.current_stream().wait_stream(self.graph_stream)
-            else:
-                train_model = DistributedDataParallel(self.model, device_ids=device_ids)
-        # dynamic=False: the epoch's smaller last batch gets a static graph of its own (compiled in warm-up).
-        # Left automatic, it would recompile with a symbolic batch size, and dynamo then tries that newest entry
-        # first, so every full batch after it would run the dynamic graph.
-        self.forward_model = torch.compile(train_model, mode=compile_mode, dynamic=False) if compile else train_model
+            train_model, self.graph_stream = data_parallel(self.model, device, for_graph=graphs is not None)
+        self.forward_model = compiled(train_model, compile, compile_mode)
         # Evaluation runs on the plain module: no gradient buckets to sync, same weights on every rank.
-        self.eval_model = self.forward_model if not distributed else (
-            torch.compile(self.model, mode=compile_mode, dynamic=False) if compile else self.model)
+        self.eval_model = compiled(self.model, compile, compile_mode) if distributed else self.forward_model
         # The loss and the count of right predictions, compiled too: eager, they are about ten small kernels per
         # step on a GPU (cast, log-softmax, NLL, argmax, compare, sum; four more backward), which Inductor fuses
         # into a few. Compiled apart from the model, so that a DistributedDataParallel model is compiled as torch
         # documents it, alone.
-        self.loss_and_correct = torch.compile(loss_and_correct, mode=compile_mode, dynamic=False) if compile \
-            else loss_and_correct
+        self.loss_and_correct = compiled(loss_and_correct, compile, compile_mode)
+        self.step_parts = StepParts(self.model, self.forward_model, self.loss_and_correct, self.optimizer,
+                                    self.autocast, label_smoothing, self.scaler)
+        if make_step is not None:
+            self.step: TrainStep = make_step(self.step_parts)
+        elif graphs is not None:
+            self.step = GraphedStep(self.step_parts, graphs, stream=self.graph_stream)
+        else:
+            self.step = EagerStep(self.step_parts)
+
+    @property
+    def graph_status(self) -> str:
+        """"off", "on" (not captured yet), "captured", or why capture failed (training then runs eagerly)."""
+        return self.step.status
+
+    @property
+    def cuda_graph(self) -> bool:
+        """Whether steps run as a whole-step graph: asked for, and not fallen back after a failed capture."""
+        return isinstance(self.step, GraphedStep) and not self.step.fallen_back
+
+    @property
+    def replayed_last_step(self) -> bool:
+        """Whether the last train_step was a graph replay. Kept for importers outside this module until they move
+        (to ``self.step.replayed_last``)."""
+        return isinstance(self.step, GraphedStep) and self.step.replayed_last
+
+    @property
+    def graphed_step(self) -> CapturedStep | None:
+        """The captured step, once captured. Kept for importers outside this module until they move (to
+        ``self.step.captured``)."""
+        return self.step.captured if isinstance(self.step, GraphedStep) else None
 
     def autocast(self, cache_enabled: bool = True):
         if self.amp_dtype is None:
@@ -192,66 +183,22 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=cache_enabled)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step on a batch. Returns (loss, correct): the batch's mean loss and how many of its
-        predictions were right, 0-dim device tensors, without synchronizing.
+        """One optimizer step on a batch, then the schedule's. Returns (loss, correct): the batch's mean loss and
+        how many of its predictions were right, 0-dim device tensors, without synchronizing.
 
         With ``cuda_graph``, the first batch's shape is captured as a CUDA graph and every batch of that shape
         replays it (the returned tensors are the graph's: valid until the next step); others run eagerly."""
-        self.replayed_last_step = False
-        if not self.cuda_graph:
-            return self.eager_step(images, labels)
-        if self.graphed_step is None:
-            from fastcnn.cuda_graph import GraphedTrainStep
-
-            try:
-                self.graphed_step = GraphedTrainStep(self, images, labels)
-            except Exception as failure:  # any capture failure: train on, eagerly, and say so
-                if self.distributed:
-                    # Not with several processes: the other ranks' warm-up and captured all-reduces would no
-                    # longer pair with this rank's eager ones. Fail; torchrun then stops every worker.
-                    raise RuntimeError(f"the CUDA graph capture failed on this rank ({type(failure).__name__}: "
-                                       f"{failure}); rerun with --no-cuda-graph") from failure
-                self._capture_failed(failure)
-                return self.eager_step(images, labels)
-            self.graph_status = "captured"
-        if not self.graphed_step.accepts(images, labels):
-            return self.eager_step(images, labels)
-        self.replayed_last_step = True
-        result = self.graphed_step.replay(images, labels)
+        result = self.step(images, labels)
         if self.scheduler is not None:
-            self.scheduler.step()  # on the host, outside the graph: it overwrites the lr tensor in place
+            self.scheduler.step()  # on the host; with a graph it overwrites the lr tensor in place, between replays
         return result
 
-    def _capture_failed(self, failure: Exception) -> None:
-        """Whole-step graphs are a speed option: when capture fails in a single-process run, the run goes on with
-        eager steps (same results, slower), and says so once here and in its summary (``graph_status``)."""
-        self.cuda_graph = False
-        if self.device.type == "cuda":
-            try:
-                torch.cuda.synchronize(self.device)  # let what the warm-up queued finish before eager steps
-            except RuntimeError:
-                pass
-        reason = f"{type(failure).__name__}: {' '.join(str(failure).split())[:300]}"
-        self.graph_status = f"capture failed ({reason}); eager steps"
-        print(f"fastcnn: warning: the CUDA graph capture failed ({reason}); training goes on without it",
-              file=sys.stderr)
-
     def eager_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step, op by op."""
-        with self.autocast():
-            logits = self.forward_model(images)
-            loss, correct = self.loss_and_correct(logits, labels, self.label_smoothing)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
+        """One optimizer step, op by op, whichever step the trainer runs, then the schedule's."""
+        result = EagerStep(self.step_parts)(images, labels)
         if self.scheduler is not None:
             self.scheduler.step()
-        return loss.detach(), correct
+        return result
 
     def train_epoch(self, loader, *, progress: EpochProgress | None = None, bar=None,
                     on_batch=None, eval_every: int = 0, on_eval=None, check_loss: bool = True) -> EpochStats:
@@ -270,26 +217,12 @@ class Trainer:
         synchronize(self.device)
         started = time.perf_counter()
         clock_base = progress.seconds
-        serving_into_graph = sums_in_graph = False
-        try:
+        train_step = self.train_step  # looked up once: a test hook may have replaced it (fastcnn.train)
+        with self.step.epoch(loader, progress) as add_to_sums:
             for images, labels in loader:
-                loss, correct = self.train_step(images, labels)
+                loss, correct = train_step(images, labels)
                 count = labels.shape[0]
-                if not (sums_in_graph and self.replayed_last_step):
-                    # Two in-place adds (float64 sum of loss * count, as loss.double() * count would round); a
-                    # replayed step has made them in its graph once the epoch's sums are the graph's own.
-                    progress.loss_sum.add_(loss, alpha=count)
-                    progress.correct.add_(correct)
-                graph = self.graphed_step
-                if graph is not None and not sums_in_graph:
-                    # From the next step on, a replay launches nothing else: the loader gathers straight into the
-                    # graph's inputs (no copies), and the graph adds to the epoch's sums (no adds).
-                    if hasattr(loader, "serve_into"):
-                        serving_into_graph = loader.serve_into(graph.static_images, graph.static_labels)
-                    graph.loss_sum.copy_(progress.loss_sum)
-                    graph.correct_sum.copy_(progress.correct)
-                    progress.loss_sum, progress.correct = graph.loss_sum, graph.correct_sum
-                    sums_in_graph = True
+                add_to_sums(loss, correct, count)
                 progress.samples += count
                 progress.batches += 1
                 if bar is not None:
@@ -309,11 +242,6 @@ class Trainer:
                 if on_batch is not None:
                     progress.seconds = clock_base + time.perf_counter() - started
                     on_batch(progress)
-        finally:
-            if serving_into_graph:
-                loader.serve_into(None)  # the loader serves new tensors again, to whoever iterates it next
-            if sums_in_graph:  # the epoch's sums, apart from the graph's (later replays add to those)
-                progress.loss_sum, progress.correct = progress.loss_sum.clone(), progress.correct.clone()
         synchronize(self.device)
         progress.seconds = clock_base + time.perf_counter() - started
         stats = progress.finish()
@@ -367,8 +295,6 @@ class Trainer:
         synchronize(self.device)
         started = time.perf_counter()
         if not torch.are_deterministic_algorithms_enabled():
-            from fastcnn.kernel_choice import apply_choices, choose_kernels
-
             timings = []
             if measure_kernels:
                 timings = choose_kernels(self.model, [images for images, _ in batches],
@@ -389,18 +315,52 @@ class Trainer:
         if eval_batches:
             self.evaluate(eval_batches)
         self.scheduler = scheduler
-        self.model.load_state_dict(model_state)  # copies in place: a captured graph keeps its pointers
-        if self.graphed_step is not None:
-            from fastcnn.cuda_graph import restore_optimizer_in_place
-
-            restore_optimizer_in_place(self.optimizer, optimizer_state)
-        else:
-            self.optimizer.load_state_dict(optimizer_state)  # replaces the state, so warm-up's moments go too
+        self.step.restore(model_state, optimizer_state)  # in place when a captured graph keeps pointers to them
         if scaler_state is not None:
             self.scaler.load_state_dict(scaler_state)
         torch.set_rng_state(rng_state)
         synchronize(self.device)
         return time.perf_counter() - started
+
+
+def placed(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    """``model`` on ``device``, its parameters channels-last when asked."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def loss_scaler(device: torch.device, amp_dtype: torch.dtype | None) -> torch.amp.GradScaler | None:
+    """float16 needs loss scaling to keep small gradients; bfloat16 has fp32's range and does not."""
+    return torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+
+
+def data_parallel(model: nn.Module, device: torch.device, *, for_graph: bool
+                  ) -> tuple[DistributedDataParallel, torch.cuda.Stream | None]:
+    """``model`` wrapped in DistributedDataParallel, and, ``for_graph``, the side stream it was built in (the graph
+    warms up and captures in that same stream: fastcnn.cuda_graph), else None."""
+    # "cuda" means this rank's GPU (set by DistributedContext): name it, or DDP would use cuda:0.
+    device_ids = [torch.cuda.current_device()] if device.type == "cuda" else None
+    if not for_graph:
+        return DistributedDataParallel(model, device_ids=device_ids), None
+    # PyTorch's CUDA-graphs notes, "Usage with DistributedDataParallel" (NCCL >= 2.9.6): DDP must be built in a side
+    # stream for its all-reduces to be captured with the backward pass. Defaults otherwise, as in the notes: every
+    # parameter gets a gradient every step (so neither find_unused_parameters nor static_graph), and gradients stay
+    # tensors of their own, allocated by the capture (no gradient_as_bucket_view).
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        wrapped = DistributedDataParallel(model, device_ids=device_ids)
+    torch.cuda.current_stream().wait_stream(stream)
+    return wrapped, stream
+
+
+def compiled(fn: Callable, compile: bool, mode: str) -> Callable:
+    """``fn`` through torch.compile when asked, else ``fn`` itself.
+
+    dynamic=False: the epoch's smaller last batch gets a static graph of its own (compiled in warm-up). Left
+    automatic, it would recompile with a symbolic batch size, and dynamo then tries that newest entry first, so
+    every full batch after it would run the dynamic graph."""
+    return torch.compile(fn, mode=mode, dynamic=False) if compile else fn
 
 
 def loss_and_correct(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,

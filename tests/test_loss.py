@@ -68,7 +68,7 @@ def test_compiled_loss_under_bf16_autocast_matches_eager():
 
 def test_compiled_trainer_steps_match_eager_trainer_steps():
     torch.manual_seed(0)
-    model = build_model("simplecnn", kernel="torch")
+    model = build_model("simplecnn", kernel="aten")
     loader = DeviceLoader(synthetic_dataset(3 * 32 + 5), 32, mean=0.13, std=0.31)
     eager = Trainer(copy.deepcopy(model), device=torch.device("cpu"), label_smoothing=0.1)
     compiled = Trainer(copy.deepcopy(model), device=torch.device("cpu"), label_smoothing=0.1, compile=True)
