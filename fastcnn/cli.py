@@ -60,7 +60,7 @@ def run_command(args: argparse.Namespace, argv: list[str] | None) -> int:
         from fastcnn.train import run_training  # torch-free start
 
         if args.nproc is not None and "TORCHELASTIC_RUN_ID" not in os.environ:  # not already under torchrun
-            from fastcnn.distributed import launch, strip_nproc  # torch-free start
+            from fastcnn.launch import launch, strip_nproc  # torch-free start
 
             return launch(args.nproc, strip_nproc(list(sys.argv[1:] if argv is None else argv)), train_config(args))
         run_training(train_config(args))
@@ -110,7 +110,7 @@ def run(argv: list[str] | None) -> int:
     except BrokenPipeError:
         raise  # the reader of stdout went away: main ends quietly
     except Exception as err:
-        from fastcnn.train import Interrupted  # torch-free start
+        from fastcnn.stopping import Interrupted  # torch-free start
 
         if isinstance(err, Interrupted):
             return err.exit_code
