@@ -1,6 +1,9 @@
 """fastcnn.profiling: per-step kernel, launch and busy-time figures, and `fastcnn bench --profile`."""
 
 import json
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -67,7 +70,7 @@ def test_profile_training_records_the_steps_after_the_epochs_first(monkeypatch):
     torch.manual_seed(0)
     data = synthetic_dataset(200, seed=0)
     loader = DeviceLoader(data, 32, seed=0)
-    trainer = Trainer(SimpleCNN(kernel="torch"), device=torch.device("cpu"))
+    trainer = Trainer(SimpleCNN(kernel="aten"), device=torch.device("cpu"))
     figures = profile_training(trainer, loader, steps=3)
     assert figures["steps"] == 3 and figures["host_launches"] is None and figures["device_busy_us"] is None
     names = {kernel["name"] for kernel in figures["top"]}
@@ -88,15 +91,16 @@ def test_first_batches_passes_serve_into_through_only_when_the_loader_has_it():
     assert not hasattr(FirstBatches([1, 2, 3], 2), "serve_into") and list(FirstBatches([1, 2, 3], 2)) == [1, 2]
 
 
-def test_bench_profile_reports_per_configuration(tmp_path, capsys):
+def test_bench_profile_reports_per_configuration_once(tmp_path, capsys):
     json_path = tmp_path / "bench.json"
     code = main(["bench", "--synthetic-size", "600,100", "--steps", "2", "--warmup", "0", "--repeats", "1",
                  "--configs", "device", "--profile", "2", "--json", str(json_path)])
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
     doc = json.loads(json_path.read_text())
     assert code == 0 and doc["profile_steps"] == 2
     assert doc["results"][0]["profile"]["steps"] == 2
-    assert "profile device, per step over 2 steps" in out
+    assert "profile device, per step over 2 steps" in captured.out  # with the table, on stdout
+    assert (captured.out + captured.err).count("profile device, per step") == 1
 
 
 def test_bench_refuses_a_negative_profile(capsys):
@@ -105,12 +109,12 @@ def test_bench_refuses_a_negative_profile(capsys):
 
 
 def test_a_failed_profile_keeps_the_timing_and_says_why(tmp_path, capsys, monkeypatch):
-    import fastcnn.profiling
+    import fastcnn.bench_timing
 
     def broken(*args):
         raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED")
 
-    monkeypatch.setattr(fastcnn.profiling, "profile_training", broken)
+    monkeypatch.setattr(fastcnn.bench_timing, "profile_training", broken)
     json_path = tmp_path / "bench.json"
     code = main(["bench", "--synthetic-size", "600,100", "--steps", "2", "--warmup", "0", "--repeats", "1",
                  "--configs", "device", "--profile", "2", "--json", str(json_path)])
@@ -130,21 +134,24 @@ def test_a_cpu_profile_shows_the_native_kernels(monkeypatch):
     monkeypatch.setattr(ops, "INTERPRET_ON_CPU", False)
     torch.manual_seed(0)
     loader = DeviceLoader(synthetic_dataset(200, seed=0), 32, seed=0)
-    trainer = Trainer(SimpleCNN(kernel="triton"), device=torch.device("cpu"))
+    trainer = Trainer(SimpleCNN(kernel="fused"), device=torch.device("cpu"))
     names = {kernel["name"] for kernel in profile_training(trainer, loader, steps=3)["top"]}
     assert {"fastcnn::native_cpu_forward", "fastcnn::native_cpu_backward_weight"} & names, names
 
 
-def test_bench_profile_prints_no_profiler_noise():
+def test_bench_profile_prints_no_noise():
     # kineto writes USDT start/stop lines (and, for a CUDA build on a CPU-only machine, a gpuGetDeviceCount ERROR)
-    # from C++ when a trace starts and stops; the profile says nothing more for them.
-    import subprocess
-    import sys
-
+    # from C++ when a trace starts and stops; the profile says nothing more for them. And bench itself says each
+    # thing once: no line twice, no "measuring" lines (those are --verbose's).
+    # As a user runs it: without the tests' TRITON_INTERPRET=1, so that the native CPU kernel is what it profiles.
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-m", "fastcnn", "bench", "--device", "cpu", "--configs", "fast",
                              "--steps", "2", "--warmup", "1", "--repeats", "1", "--profile", "2"],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     output = result.stdout + result.stderr
     assert "profile fast, per step over 2 steps" in output
     assert "USDT" not in output and "gpuGetDeviceCount" not in output, output
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    assert len(lines) == len(set(lines)) and output.count("profile fast, per step") == 1, output
+    assert "measuring" not in output and "Warning" not in output, output
