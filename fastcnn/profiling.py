@@ -13,12 +13,12 @@ which, per step:
 
 On a CPU there is no separate device: ``device_kernels`` counts the aten and fastcnn operators called (those that
 other operators call included; the native kernels are the ``fastcnn::native_cpu_*`` ones) and ``top`` ranks them by
-their own CPU time (their callees' excluded); the host and busy
-figures are left out. The profiler adds overhead to every call, so
-``wall_us`` is slower than an unprofiled step: compare it with the kernels' figures, not with the timed results.
+their own CPU time (their callees' excluded); the host and busy figures are left out. The profiler adds overhead to
+every call, so ``wall_us`` is slower than an unprofiled step: compare it with the kernels' figures, not with the
+timed results.
 
 CUDA graphs and the profiler (CUPTI) have a history: a graph captured before the process's first profiler session
-could crash or hang when replayed under the profiler (pytorch#75504, fixed for CUDA >= 12.6), and torch's workaround,
+could crash or hang when replayed under the profiler (fixed in PyTorch for CUDA >= 12.6), and torch's workaround,
 an empty profiler session before any capture (``torch.profiler._utils._init_for_cuda_graphs``), has been reported
 to leave later sessions recording no GPU activity at all on CUDA 13. So fastcnn does not apply it; a profile that
 recorded no GPU activity says so (``warning``) instead of reporting zeros, and ``bench/gpu_session.sh`` profiles in
@@ -180,7 +180,7 @@ def _short(name: str) -> str:
 
 def format_profile(config: str, figures: dict) -> str:
     """Two lines or more for a bench table's foot: the counts, then the top kernels."""
-    parts = [f"{figures['device_kernels']:.1f} {'kernels' if figures['host_launches'] is not None else 'aten ops'}"]
+    parts = [f"{figures['device_kernels']:.1f} {'kernels' if figures['host_launches'] is not None else 'operators'}"]
     if figures["host_launches"] is not None:
         parts += [f"{figures['host_launches']:.1f} host launches", f"GPU busy {figures['device_busy_us']:.1f} us"]
     parts.append(f"wall {figures['wall_us']:.1f} us (profiled)")

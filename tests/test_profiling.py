@@ -73,6 +73,7 @@ def test_profile_training_records_the_steps_after_the_epochs_first(monkeypatch):
     trainer = Trainer(SimpleCNN(kernel="aten"), device=torch.device("cpu"))
     figures = profile_training(trainer, loader, steps=3)
     assert figures["steps"] == 3 and figures["host_launches"] is None and figures["device_busy_us"] is None
+    assert " operators, wall " in format_profile("device", figures)  # aten's and fastcnn's: not "kernels" on a CPU
     names = {kernel["name"] for kernel in figures["top"]}
     assert figures["device_kernels"] > 10 and names and all(name.startswith("aten::") for name in names)
     # Steps, not the epoch's start: no order of samples drawn, and no sums set up, in the window.
