@@ -11,6 +11,7 @@ once: each command imports what it runs when it runs (the lazy imports below are
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -56,6 +57,7 @@ def shorten(text: str, limit: int = UNEXPECTED_ERROR_CHARS) -> str:
 
 
 def run_command(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Run the parsed command; its modules are imported here, as it runs (they import torch)."""
     if args.command == "train":
         from fastcnn.train import run_training  # torch-free start
 
@@ -82,8 +84,6 @@ def run_command(args: argparse.Namespace, argv: list[str] | None) -> int:
 
         return run_predict(args)
     elif args.command == "env":
-        import json
-
         from fastcnn.env_report import collect, format_report  # torch-free start
 
         info = collect()
