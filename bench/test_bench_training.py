@@ -39,8 +39,6 @@ def test_training_step_throughput(benchmark, config, model, batch_size):
         rc = resolve(configured(base, BENCH_CONFIGS[config]))
     except FastcnnError as unavailable:
         pytest.skip(str(unavailable))
-    if rc.device == "cpu" and rc.kernel == "triton":
-        pytest.skip("the fused kernel runs on a CPU only under the Triton interpreter; measure it on a GPU")
     train_set, test_set = load_splits(rc)
     trainer, train_loader, test_loader = build_trainer(rc, train_set, test_set)
     warm_up(rc, trainer, train_loader, test_loader, always=True, evaluate=False)  # as fastcnn bench's step mode

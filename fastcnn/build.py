@@ -91,7 +91,7 @@ def warm_up(rc: ResolvedConfig, trainer: Trainer, train_loader, test_loader,
     seconds = 0.0
     ctx = ctx or DistributedContext()
     # kernel="auto" measures wherever it may pick the fused kernel (on CUDA; tests let the CPU take part)
-    may_fuse = (rc.kernel == "triton" and rc.device == "cuda") or (
+    may_fuse = (rc.kernel == "fused" and rc.device == "cuda") or (
         rc.kernel == "auto" and fused_is_an_option(rc.torch_device))
     if always or rc.compile or rc.cuda_graph or may_fuse:
         shapes = batch_shapes(train_loader)

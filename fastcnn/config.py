@@ -28,12 +28,14 @@ from dataclasses import dataclass
 import torch
 
 from fastcnn.data import DATASETS, LOADERS
-from fastcnn.data.datasets import CHANNEL_CHOICES
+from fastcnn.data.dali_status import dali_gpu_status, dali_status
+from fastcnn.data.image_shape import CHANNEL_CHOICES
 from fastcnn.engine import SCHEDULES
 from fastcnn.errors import FastcnnError, NotAvailableError, UsageError
 from fastcnn.models import get_spec
-from fastcnn.nn import KERNEL_CHOICES
+from fastcnn.ops import fused_kernel_status, native_runs_on_cpu
 from fastcnn.recipes import default_dataset, get_recipe
+from fastcnn.vocabulary import KERNEL_ALIASES, KERNELS, canonical_kernel
 
 PRESETS = ("fast", "reference")
 OPTIMIZERS = ("adam", "sgd")
@@ -80,6 +82,7 @@ class TrainConfig:
     resume: str | None = None
     overwrite: bool = False
     progress: bool = True
+    verbose: bool = False  # also print what is normally held back (the torchrun command, torchrun's own warnings)
     train_subset: int | None = None
     test_subset: int | None = None
     synthetic_size: tuple[int, int] = (60_000, 10_000)
@@ -164,6 +167,8 @@ class ResolvedConfig:
         if "image_size" not in saved:
             image_shape = image_shape or (1, 28, 28)
             saved["channels"], saved["image_size"] = int(image_shape[0]), tuple(int(v) for v in image_shape[1:])
+        if saved.get("kernel") in KERNEL_ALIASES:  # recorded before the implementations were named fused and aten
+            saved["kernel"] = canonical_kernel(saved["kernel"])
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in saved.items() if k in fields})
 
@@ -209,7 +214,7 @@ def preset_defaults(preset: str, device: str) -> dict:
     """The options a preset turns on for a device type (see the module docstring for the measurements)."""
     if preset == "reference":
         return dict(loader="torch", amp=False, channels_last=False, compile=False, cuda_graph=False,
-                    kernel="torch", fused_optimizer=False, reference_model=True)
+                    kernel="aten", fused_optimizer=False, reference_model=True)
     on_gpu = device == "cuda"
     # The fused optimizer: one kernel for all parameters instead of ~16 foreach ops per Adam step. On a GPU each
     # launch costs microseconds of a step that is tens of microseconds long. On this CPU: 1.09x per epoch, median
@@ -282,8 +287,9 @@ def resolve(cfg: TrainConfig) -> ResolvedConfig:
     if cfg.kernel is not None and preset == "reference":
         chosen["reference_model"] = False  # --kernel asks for fastcnn's model with that implementation
     _require(chosen["loader"] in LOADERS, f"unknown loader {chosen['loader']!r}; choose one of: {', '.join(LOADERS)}")
-    _require(chosen["kernel"] in KERNEL_CHOICES,
-             f"unknown kernel {chosen['kernel']!r}; choose one of: {', '.join(KERNEL_CHOICES)}")
+    _require(chosen["kernel"] in (*KERNELS, *KERNEL_ALIASES),
+             f"unknown kernel {chosen['kernel']!r}; choose one of: {', '.join((*KERNELS, *KERNEL_ALIASES))}")
+    chosen["kernel"] = canonical_kernel(chosen["kernel"])  # triton and torch, the older names, mean fused and aten
     amp_dtype = cfg.amp_dtype or default_amp_dtype(device)
     _require(amp_dtype in AMP_DTYPES, f"unknown --amp-dtype {amp_dtype!r}; choose one of: {', '.join(AMP_DTYPES)}")
     compile_mode = cfg.compile_mode or "default"
@@ -347,26 +353,20 @@ def _check_available(chosen: dict, device: str, amp_dtype: str, opt: str, compil
         if conflict:
             raise NotAvailableError(conflict)
     if chosen["loader"] == "dali":
-        from fastcnn.data.dali_status import dali_status
-
         ok, why = dali_status()
         if not ok:
             raise NotAvailableError(f"--loader dali is not available here: {why}; use --loader device")
         if device == "cuda":
-            from fastcnn.data.dali_status import dali_gpu_status
-
             ok, why = dali_gpu_status()
             if not ok:
                 raise NotAvailableError(f"--loader dali cannot use the GPU here: {why}; use --loader device")
     if chosen["amp"] and amp_dtype == "float16" and device == "cpu":
         raise NotAvailableError("--amp-dtype float16 needs a CUDA GPU (the CPU autocasts to bfloat16); "
                                 "use --amp-dtype bfloat16 or --no-amp")
-    if chosen["kernel"] == "triton":
-        from fastcnn.ops import fused_kernel_status, native_runs_on_cpu
-
+    if chosen["kernel"] == "fused":
         ok, why = fused_kernel_status(torch.device(device))
         if not ok:
-            raise NotAvailableError(f"--kernel triton cannot run here: {why}; use --kernel auto or torch")
+            raise NotAvailableError(f"--kernel fused cannot run here: {why}; use --kernel auto or aten")
         if device == "cpu" and chosen["compile"] and not native_runs_on_cpu():
-            raise NotAvailableError("--kernel triton on the CPU runs the Triton interpreter, which torch.compile "
+            raise NotAvailableError("--kernel fused on the CPU runs the Triton interpreter, which torch.compile "
                                     "cannot trace; use --no-compile, or --kernel auto")

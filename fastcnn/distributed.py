@@ -43,7 +43,7 @@ class DistributedContext:
         """Join the process group torchrun set up (a no-op context when not started by torchrun).
         ``cuda_graph``: the training step will be captured with its NCCL all-reduces (see fastcnn.cuda_graph)."""
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:  # torchrun sets it, even for one process
+        if world_size <= 1 and not launched_by_torchrun():
             return cls()
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         backend = "nccl" if device_type == "cuda" else "gloo"
@@ -104,6 +104,11 @@ class DistributedContext:
     def shutdown(self) -> None:
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process is one of torchrun's workers (torchrun marks them, even a group of one)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
 
 
 def per_rank_batch_size(global_batch: int, world_size: int) -> int:

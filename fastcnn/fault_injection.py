@@ -7,6 +7,7 @@ import os
 import signal
 
 from fastcnn.engine import Trainer
+from fastcnn.steps import GraphedStep
 
 TEST_FAULT_ENV = "FASTCNN_TEST_FAULT"
 
@@ -29,8 +30,9 @@ def install_test_fault(trainer: Trainer, rank: int) -> None:
         loss, correct = real_step(images, labels)
         if fault == "nan" and steps >= int(fault_step):
             loss = loss * float("nan")
-            if trainer.replayed_last_step:  # the graph added this step to the epoch's sums itself
-                trainer.graphed_step.loss_sum.fill_(float("nan"))
+            step = trainer.step
+            if isinstance(step, GraphedStep) and step.replayed_last:  # the graph added it to the epoch's sums itself
+                step.captured.loss_sum.fill_(float("nan"))
         elif fault != "nan" and steps == int(fault_step):
             os.kill(os.getpid(), signal.Signals[fault])
         return loss, correct

@@ -1,12 +1,21 @@
-"""What a training run prints: its opening line (what it trains on and how), and its summary at the end."""
+"""What a training run prints, as it happens: an opening line (what it trains on and how; where a resumed run
+picks up), one line per epoch as soon as the epoch is evaluated (stdout, flushed, with or without a progress
+bar), a progress bar with the run's ETA (stderr, on a terminal only), and the summary at the end."""
 
 from __future__ import annotations
 
+import sys
+
+from tqdm import tqdm
+
 from fastcnn.config import ResolvedConfig
 from fastcnn.data import ImageDataset
-from fastcnn.data.datasets import describe_shape
+from fastcnn.data.image_shape import describe_shape
 from fastcnn.env import device_name
-from fastcnn.report import EPOCH_COLUMNS, format_table
+from fastcnn.report import EPOCH_COLUMNS
+
+# tqdm's own bar, counting the run's steps (its remaining time is then the run's, not the epoch's)
+BAR_FORMAT = "{desc} {percentage:3.0f}%|{bar}| step {n_fmt}/{total_fmt} [{elapsed} elapsed, ETA {remaining}{postfix}]"
 
 
 def describe_run(rc: ResolvedConfig, train_set: ImageDataset, test_set: ImageDataset, output, *,
@@ -38,8 +47,58 @@ def print_opening(rc: ResolvedConfig, train_set: ImageDataset, test_set: ImageDa
     stream.flush()
 
 
-def print_summary(summary: dict, history: list[dict], stream) -> None:
-    print(format_table(history, EPOCH_COLUMNS), file=stream)
+def describe_resume(checkpoint: str, state: dict, rc: ResolvedConfig, steps_per_epoch: int, processes: int) -> str:
+    """Where a resumed run picks up: the epoch it continues, the step in it, and how many processes train it."""
+    epoch, batch = state["epoch"], state["batch"]
+    done, total = epoch * steps_per_epoch + batch, rc.epochs * steps_per_epoch
+    saved = state.get("nproc")
+    how = ""
+    if processes > 1 or saved:
+        how = f", {processes} process{'es' if processes > 1 else ''}" + (
+            " as it was trained" if saved == processes else f"; it was trained with {saved or 1}")
+    return (f"resuming {checkpoint} at epoch {epoch + 1}/{rc.epochs}, step {batch}/{steps_per_epoch} "
+            f"({done}/{total} steps done){how}")
+
+
+def progress_bar(total_steps: int, steps_done: int, *, enabled: bool, file=None) -> tqdm:
+    """One bar for the whole run, on ``file`` (stderr) when it is a terminal: its ETA is the run's."""
+    return tqdm(total=total_steps, initial=steps_done, unit="step", bar_format=BAR_FORMAT, dynamic_ncols=True,
+                file=file or sys.stderr, disable=None if enabled else True)  # None: off unless a terminal
+
+
+class EpochLog:
+    """One aligned line per epoch, printed (and flushed) as soon as the epoch is evaluated; the header before the
+    first. ``eta`` is the run's estimated time left, from this process's epochs so far."""
+
+    COLUMNS = [*EPOCH_COLUMNS, ("eta", "ETA", "s")]
+    MIN_WIDTHS = {"images_per_second": 9, "eta": 5}
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.header_printed = False
+        self.widths = [max(len(header), self.MIN_WIDTHS.get(key, 0)) for key, header, _ in self.COLUMNS]
+
+    def line(self, cells: list[str]) -> str:
+        return "  ".join(cell.rjust(width) for cell, width in zip(cells, self.widths, strict=True))
+
+    def epoch_done(self, row: dict, eta_seconds: float | None, bar: tqdm | None = None) -> None:
+        values = {**row, "eta": tqdm.format_interval(eta_seconds) if eta_seconds is not None else None}
+        cells = [format(values[key], spec) if values.get(key) is not None else "-" for key, _, spec in self.COLUMNS]
+        lines = [self.line(cells)]
+        if not self.header_printed:
+            headers = [header for _, header, _ in self.COLUMNS]
+            lines[:0] = [self.line(headers), self.line(["-" * width for width in self.widths])]
+            self.header_printed = True
+        for text in lines:
+            if bar is not None and not bar.disable:
+                bar.write(text, file=self.stream)  # clears the bar, writes, redraws it
+            else:
+                print(text, file=self.stream)
+        self.stream.flush()
+
+
+def print_summary(summary: dict, stream) -> None:
+    """The run's result after its epoch lines: accuracy, time and throughput, time to target, kernel choices."""
     line = (f"\n{summary['model']} on {summary['dataset']}: test acc {summary['test_acc']:.2f}% | train "
             f"{summary['train_seconds']:.2f} s ({summary['images_per_second']:,.0f} images/s) | setup "
             f"{summary['setup_seconds']:.2f} s | eval {summary['eval_seconds']:.2f} s | {summary['device_name']}")
@@ -49,5 +108,6 @@ def print_summary(summary: dict, history: list[dict], stream) -> None:
                  (f"{reached:.2f} s of training" if reached is not None else "not reached"))
     for choice in summary.get("kernel_choices", []):
         line += (f"\nkernel auto: {choice['layer']} [{choice['call']}] -> {choice['choice']} (fused "
-                 f"{choice['fused_ms']:.4f} ms, plain chain {choice['torch_ms']:.4f} ms)")
+                 f"{choice['fused_ms']:.4f} ms, aten {choice['aten_ms']:.4f} ms)")
     print(line + f"\noutputs in {summary['output']}", file=stream)
+    stream.flush()

@@ -27,16 +27,17 @@ from fastcnn.build import EVAL_BATCH_SIZE, build_trainer, fit_to_data, load_spli
 from fastcnn.checkpoint import RunRecord, capture_rng, restore_rng, restore_trainer, save_checkpoint, trainer_state
 from fastcnn.config import TrainConfig, resolve
 from fastcnn.determinism import deterministic_algorithms
-from fastcnn.distributed import DistributedContext, global_progress, global_stats
+from fastcnn.distributed import DistributedContext, global_progress, global_stats, launched_by_torchrun
 from fastcnn.engine import EpochProgress, check_finite
 from fastcnn.env import device_name, git_commit, versions
 from fastcnn.errors import NotAvailableError, TrainingDivergedError, UsageError
 from fastcnn.fault_injection import install_test_fault
 from fastcnn.kernel_choice import choices_from_state, choices_to_state, measured_where
+from fastcnn.launch import COMMAND_ENV, keep_processes
 from fastcnn.models import check_input_shape
 from fastcnn.report import plot_curves, write_json, write_metrics
 from fastcnn.run_folder import check_output_dir, default_output_dir, remove_run_outputs
-from fastcnn.run_log import print_opening, print_summary
+from fastcnn.run_log import EpochLog, describe_resume, print_opening, print_summary, progress_bar
 from fastcnn.run_plan import RunPlan, plan_run
 from fastcnn.runs import aggregate_runs, print_repeated_log
 
@@ -52,6 +53,8 @@ def run_training(cfg: TrainConfig, *, stream=None, datasets=None) -> dict:
     with deterministic_algorithms(cfg.deterministic):
         started = time.perf_counter()
         plan = plan_run(cfg, datasets, several_processes=int(os.environ.get("WORLD_SIZE", "1")) > 1)
+        if plan.resume_state is not None and not launched_by_torchrun():
+            keep_processes(plan)  # a run trained by several processes goes on with as many (exec), or says why not
         ctx = DistributedContext.from_env(plan.rc.torch_device.type, cuda_graph=plan.rc.cuda_graph)
         try:
             return TrainingRun(plan, ctx, stream or sys.stdout).run(started)
@@ -72,6 +75,7 @@ class TrainingRun:
         self.partial: EpochProgress | None = None  # the sums of the epoch a resumed run continues
         self.kernels_measured_where = measured_where(self.rc.torch_device)  # once: every checkpoint records it
         self.setup_seconds = self.warmup_seconds = 0.0
+        self.epoch_log = EpochLog(stream)
 
     def run(self, started: float) -> dict:
         self.set_up()
@@ -107,6 +111,9 @@ class TrainingRun:
         self.trainer, self.train_loader, self.test_loader = build_trainer(
             rc, self.plan.train_set, self.plan.test_set, rank=ctx.rank, world_size=ctx.world_size,
             distributed=ctx.enabled)
+        if self.main and self.plan.resume_state is not None:
+            print(describe_resume(self.plan.cfg.resume, self.plan.resume_state, rc, len(self.train_loader),
+                                  ctx.world_size if ctx.enabled else 1), file=self.stream, flush=True)
         known_kernels = self.resume(self.plan.resume_state) if self.plan.resume_state is not None else []
         self.warmup_seconds = warm_up(rc, self.trainer, self.train_loader, self.test_loader, ctx, known_kernels)
         install_test_fault(self.trainer, ctx.rank)
@@ -134,21 +141,29 @@ class TrainingRun:
         return created
 
     def train_epochs(self) -> None:
-        with StopRequests() as stop:
-            agreement = StopAgreement(stop, self.ctx, self.rc.torch_device, len(self.train_loader))
-            for epoch in range(self.record.epoch, self.rc.epochs):
-                self.train_epoch(epoch, agreement)
-                if epoch + 1 < self.rc.epochs:  # after the last epoch, finish the run: summary and curves
-                    agreement.now()
+        steps, first_epoch = len(self.train_loader), self.record.epoch
+        bar = progress_bar(self.rc.epochs * steps, first_epoch * steps + self.record.batch,
+                           enabled=self.plan.cfg.progress and self.main)
+        started = time.perf_counter()
+        try:
+            with StopRequests() as stop:
+                agreement = StopAgreement(stop, self.ctx, self.rc.torch_device, steps)
+                for epoch in range(first_epoch, self.rc.epochs):
+                    self.train_epoch(epoch, agreement, bar)
+                    left = self.rc.epochs - epoch - 1
+                    if self.main:  # the run's time left, at this process's pace so far (evaluation included)
+                        eta = (time.perf_counter() - started) / (epoch + 1 - first_epoch) * left if left else None
+                        self.epoch_log.epoch_done(self.record.history[-1], eta, bar)
+                    if left:  # after the last epoch, finish the run: summary and curves
+                        agreement.now()
+        finally:
+            bar.close()
 
-    def train_epoch(self, epoch: int, agreement: StopAgreement) -> None:
+    def train_epoch(self, epoch: int, agreement: StopAgreement, bar: tqdm) -> None:
         """One epoch (or the rest of a resumed one), its test evaluation, its row of history and its checkpoint."""
         rc, record = self.rc, self.record
-        start_batch = record.batch if epoch == record.epoch else 0
-        self.train_loader.set_epoch(epoch, start_batch)
-        bar = tqdm(total=len(self.train_loader), initial=start_batch, desc=f"epoch {epoch + 1}/{rc.epochs}",
-                   unit="batch", disable=not (self.plan.cfg.progress and self.main), file=sys.stderr,
-                   dynamic_ncols=True)
+        self.train_loader.set_epoch(epoch, record.batch if epoch == record.epoch else 0)
+        bar.set_description_str(f"epoch {epoch + 1}/{rc.epochs}")
         progress = self.partial or EpochProgress.start(rc.torch_device)
         self.partial = None
         try:
@@ -157,12 +172,10 @@ class TrainingRun:
                 eval_every=rc.eval_every, on_eval=lambda p: self.evaluate(epoch, p.batches, p.seconds),
                 check_loss=not self.ctx.enabled)
         except Interrupted:
-            bar.close()
             # Every rank stopped at this same step (StopAgreement): rank 0 saves the sums of all of them.
             progress = global_progress(progress, self.ctx, rc.torch_device)
             self.save_checkpoint(epoch, progress.batches, progress)
             raise
-        bar.close()
         stats = global_stats(stats, self.ctx, rc.torch_device)
         if self.ctx.enabled:  # the ranks' own checks were off (one would raise alone): check the global loss
             check_finite(stats.loss, "training")
@@ -194,7 +207,7 @@ class TrainingRun:
         save_checkpoint(self.checkpoint_path, dict(
             model_name=self.rc.model, **trainer_state(self.trainer), **self.record.to_state(),
             config=self.rc.to_dict(), rng=capture_rng(), classes=list(self.plan.train_set.classes),
-            image_shape=list(self.plan.train_set.image_shape),
+            image_shape=list(self.plan.train_set.image_shape), nproc=self.ctx.world_size if self.ctx.enabled else None,
             kernel_choices=choices_to_state(self.trainer.kernel_timings, self.kernels_measured_where)))
 
     def diverged(self, failure: TrainingDivergedError) -> TrainingDivergedError:
@@ -223,7 +236,8 @@ class TrainingRun:
             target_acc=rc.target_acc, time_to_target=time_to_target, evals=record.evals,
             kernel_choices=[timing.to_dict() for timing in self.trainer.kernel_timings],
             cuda_graph=self.trainer.graph_status, config=rc.to_dict(), device_name=device_name(rc.torch_device),
-            versions=versions(), git_commit=git_commit(), output=str(self.output), command=" ".join(sys.argv),
+            versions=versions(), git_commit=git_commit(), output=str(self.output),
+            command=os.environ.get(COMMAND_ENV) or " ".join(sys.argv),
             finished_at=datetime.datetime.now().isoformat(timespec="seconds"))
         if self.ctx.enabled:
             summary["distributed"] = dict(
@@ -237,7 +251,7 @@ class TrainingRun:
             write_json(self.output / "summary.json", summary)
             plot_curves(self.output / "curves.png", self.record.history,
                         f"{self.rc.model} on {self.rc.dataset} ({self.rc.preset} preset, {self.rc.device})")
-            print_summary(summary, self.record.history, self.stream)
+            print_summary(summary, self.stream)
         self.ctx.barrier()
         return summary
 
@@ -260,6 +274,8 @@ def run_repeated(cfg: TrainConfig, *, stream=None) -> dict:
     datasets = load_splits(rc)
     check_input_shape(rc.model, datasets[0].image_shape)
     print_opening(fit_to_data(rc, datasets[0]), *datasets, output, stream, runs=cfg.runs)
+    if cfg.overwrite:
+        remove_run_outputs(output)  # all of the run it replaces (also its run3 when it had 3 and this has 2)
     summaries = []
     for index in range(cfg.runs):
         single = dataclasses.replace(cfg, runs=1, seed=cfg.seed + index, output=str(output / f"run{index + 1}"))

@@ -13,15 +13,25 @@ import torch
 from helpers import requires_cuda
 
 from fastcnn.cli import main
+from fastcnn.config import TrainConfig
 from fastcnn.distributed import DistributedContext
 from fastcnn.engine import EpochProgress
-from fastcnn.errors import TrainingDivergedError
+from fastcnn.errors import TrainingDivergedError, UsageError
 from fastcnn.fault_injection import TEST_FAULT_ENV
+from fastcnn.launch import (
+    COMMAND_ENV,
+    exec_torchrun,
+    processes_for_resume,
+    resume_argv,
+    strip_nproc,
+    worker_environment,
+)
 from fastcnn.stopping import Interrupted, StopAgreement, StopRequests
 
 # 4096 samples, global batch 64: 64 steps per epoch, so the ranks agree at step 50 inside an epoch and at its end.
+# One kernel for all runs: kernel auto's choice by timing could differ between two of them, and so their rounding.
 SUBSET = ["--train-subset", "4096", "--test-subset", "500", "-b", "64", "--no-amp", "--no-progress",
-          "--device", "cpu", "--epochs", "2"]
+          "--device", "cpu", "--epochs", "2", "--kernel", "aten"]
 
 
 def fastcnn_train(args, data_root=None, *, fault=None, timeout=300):
@@ -37,12 +47,17 @@ def fastcnn_train(args, data_root=None, *, fault=None, timeout=300):
 
 
 @pytest.fixture(scope="module")
-def ddp_run(data_root, tmp_path_factory):
-    """An uninterrupted two-process run of SUBSET (its folder)."""
+def ddp_launch(data_root, tmp_path_factory):
+    """An uninterrupted two-process run of SUBSET: (its folder, the finished `fastcnn train` process)."""
     ddp = tmp_path_factory.mktemp("ddp") / "run"
     result = fastcnn_train(["--nproc", "2", *SUBSET, "--output", str(ddp)], data_root)
     assert result.returncode == 0, result.stderr[-2000:]
-    return ddp
+    return ddp, result
+
+
+@pytest.fixture(scope="module")
+def ddp_run(ddp_launch):
+    return ddp_launch[0]
 
 
 def test_two_gloo_processes_match_a_single_process_with_the_same_global_batch(ddp_run, data_root, tmp_path):
@@ -50,6 +65,7 @@ def test_two_gloo_processes_match_a_single_process_with_the_same_global_batch(dd
     summary = json.loads((ddp / "summary.json").read_text())
     assert summary["distributed"] == {"world_size": 2, "backend": "gloo", "parameters_in_sync": True}
     assert not (ddp / "rank1").exists()
+    assert " train --nproc 2 " in summary["command"] and summary["command"].endswith(f"--output {ddp}")
 
     single = tmp_path / "single"
     result = fastcnn_train([*SUBSET, "--output", str(single)], data_root)
@@ -64,6 +80,15 @@ def test_two_gloo_processes_match_a_single_process_with_the_same_global_batch(dd
     assert summary["epochs"] == 2 and (ddp / "metrics.jsonl").read_text().count("\n") == 2
 
 
+def test_a_data_parallel_run_prints_what_one_process_would_and_nothing_of_torchrun(ddp_launch):
+    _, result = ddp_launch
+    assert result.stderr == "", result.stderr[-2000:]  # no OMP_NUM_THREADS banner, no launch line, no bar (no tty)
+    lines = result.stdout.splitlines()
+    assert sum(line.startswith("training on mnist") for line in lines) == 1
+    assert [line.split()[0] for line in lines if line.split()[:1] in (["1"], ["2"])] == ["1", "2"]  # rank 0's only
+    assert sum(line.startswith("simplecnn on mnist: test acc") for line in lines) == 1
+
+
 def test_a_signal_to_one_rank_stops_both_at_the_same_step_and_resume_matches_an_uninterrupted_run(
         ddp_run, data_root, tmp_path):
     cut = tmp_path / "cut"
@@ -71,13 +96,19 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step_and_resume_matches_an_
     result = fastcnn_train(["--nproc", "2", *SUBSET, "--output", str(cut)], data_root, fault="1:70:SIGTERM",
                            timeout=180)
     assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
-    assert result.stderr.count("checkpoint saved") == 1 and "Traceback" not in result.stderr
+    # rank 0 says it, once, and nothing else does (no traceback, none of torchrun's lines about its workers)
+    assert result.stderr.splitlines() == [
+        f"fastcnn: interrupted by SIGTERM; checkpoint saved to {cut / 'checkpoint.pt'}; continue with "
+        f"`fastcnn train --resume {cut / 'checkpoint.pt'}`"], result.stderr[-2000:]
     state = torch.load(cut / "checkpoint.pt", weights_only=True)
     assert (state["epoch"], state["batch"]) == (1, 50)
     assert state["partial"]["samples"] == 50 * 64  # the sums of both ranks, which stopped at the same step
 
-    result = fastcnn_train(["--nproc", "2", "--resume", str(cut / "checkpoint.pt"), "--no-progress"], data_root)
+    # no --nproc: the resumed run keeps the two processes it was trained with (else it could not match bitwise)
+    result = fastcnn_train(["--resume", str(cut), "--no-progress"], data_root)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert (f"resuming {cut / 'checkpoint.pt'} at epoch 2/2, step 50/64 (114/128 steps done), 2 processes as it "
+            "was trained") in result.stdout, result.stdout[-2000:]
     finished = torch.load(cut / "checkpoint.pt", weights_only=True)
     reference = torch.load(ddp_run / "checkpoint.pt", weights_only=True)
     for key, value in reference["model"].items():
@@ -85,7 +116,8 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step_and_resume_matches_an_
     for row, expected in zip(finished["history"], reference["history"], strict=True):
         for key in ("train_loss", "train_acc", "test_acc"):  # the resumed epoch's figures cover all of it
             assert row[key] == pytest.approx(expected[key], rel=1e-9), key
-    assert json.loads((cut / "summary.json").read_text())["distributed"]["parameters_in_sync"]
+    resumed = json.loads((cut / "summary.json").read_text())
+    assert resumed["distributed"] == {"world_size": 2, "backend": "gloo", "parameters_in_sync": True}
 
 
 def test_nan_on_one_rank_makes_every_rank_stop_with_the_divergence_message(data_root, tmp_path):
@@ -94,8 +126,8 @@ def test_nan_on_one_rank_makes_every_rank_stop_with_the_divergence_message(data_
     result = fastcnn_train(["--nproc", "2", *SUBSET, "--output", str(out)], data_root, fault="1:70:nan",
                            timeout=180)
     assert result.returncode == 1, result.stderr[-2000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("fastcnn: error: ")]
-    assert len(errors) == 1, result.stderr[-2000:]  # said once, by rank 0; no rank failed another way
+    errors = result.stderr.splitlines()
+    assert len(errors) == 1 and errors[0].startswith("fastcnn: error: "), result.stderr[-2000:]  # rank 0, once
     assert "loss became nan" in errors[0] and "epoch 1" in errors[0] and "checkpoint" in errors[0]
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
@@ -179,7 +211,6 @@ def test_agreement_through_a_real_gloo_group_of_one():
 
 def test_batch_that_does_not_split_over_processes_is_refused():
     from fastcnn.distributed import per_rank_batch_size
-    from fastcnn.errors import UsageError
 
     assert per_rank_batch_size(64, 2) == 32
     with pytest.raises(UsageError, match="multiple of 3"):
@@ -187,9 +218,42 @@ def test_batch_that_does_not_split_over_processes_is_refused():
 
 
 def test_strip_nproc():
-    from fastcnn.distributed import strip_nproc
-
     assert strip_nproc(["train", "--nproc", "2", "-b", "8", "--nproc=3"]) == ["train", "-b", "8"]
+
+
+def test_the_workers_environment_sets_their_threads_and_holds_torchruns_warnings_back(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    env = worker_environment(4, {"PATH": "/bin"}, command="fastcnn train --nproc 4")
+    assert env == {"PATH": "/bin", "OMP_NUM_THREADS": "4", "LOGLEVEL": "CRITICAL", COMMAND_ENV: "fastcnn train --nproc 4"}
+    assert worker_environment(32, {}, command="c")["OMP_NUM_THREADS"] == "1"
+    own = worker_environment(4, {"OMP_NUM_THREADS": "3", "LOGLEVEL": "INFO"}, command="c")
+    assert (own["OMP_NUM_THREADS"], own["LOGLEVEL"]) == ("3", "INFO")  # the user's own settings stay
+    assert "LOGLEVEL" not in worker_environment(4, {}, command="c", verbose=True)
+
+
+def test_the_torchrun_command_is_printed_with_verbose_only(monkeypatch, capsys):
+    execs = []
+    monkeypatch.setattr(os, "execve", lambda path, argv, env: execs.append((argv, env)))
+    exec_torchrun(2, ["train", "-b", "8"], command="fastcnn train --nproc 2 -b 8")
+    assert capsys.readouterr().err == ""
+    exec_torchrun(2, ["train", "-b", "8"], command="fastcnn train --nproc 2 -b 8", verbose=True)
+    err = capsys.readouterr().err
+    assert err.startswith("fastcnn: running OMP_NUM_THREADS=") and "-m fastcnn.launch --standalone" in err
+    for argv, env in execs:
+        assert argv[1:] == ["-m", "fastcnn.launch", "--standalone", "--nproc-per-node=2", "-m", "fastcnn", "train",
+                            "-b", "8"]
+        assert env[COMMAND_ENV] == "fastcnn train --nproc 2 -b 8"
+
+
+def test_a_resumed_run_keeps_its_process_count_or_says_why_not():
+    assert processes_for_resume(None, "cpu", 0) == (None, None)  # trained by one plain process
+    assert processes_for_resume(2, "cpu", 0) == (2, None)
+    assert processes_for_resume(1, "cuda", 1) == (1, None)  # --nproc 1: DistributedDataParallel of one
+    nproc, why = processes_for_resume(4, "cuda", 2)
+    assert nproc is None and "trained with 4 processes" in why and "2 GPUs are visible" in why and "--nproc" in why
+    cfg = TrainConfig(resume="run/checkpoint.pt", epochs=3, progress=False, verbose=True)
+    assert resume_argv(cfg) == ["train", "--resume", "run/checkpoint.pt", "--epochs", "3", "--no-progress",
+                                "--verbose"]
 
 
 def test_deterministic_runs_are_bitwise_identical(tmp_path, capsys):
@@ -234,7 +298,7 @@ def test_ddp_with_cuda_graph_learns_like_a_single_process_cuda_graph_run(tmp_pat
     if torch.cuda.device_count() < nproc:
         pytest.skip(f"needs {nproc} GPUs")
     args = ["--dataset", "synthetic", "--synthetic-size", "8192,2048", "--device", "cuda", "--cuda-graph",
-            "--no-compile", "--kernel", "torch", "-b", "128", "--epochs", "2", "--no-progress"]
+            "--no-compile", "--kernel", "aten", "-b", "128", "--epochs", "2", "--no-progress"]
     result = fastcnn_train(["--nproc", str(nproc), *args, "--output", str(tmp_path / "ddp")], timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     result = fastcnn_train([*args, "--output", str(tmp_path / "single")], timeout=600)

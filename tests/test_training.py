@@ -1,12 +1,14 @@
 """Training: the reference path learns like the tutorial, and the fast path computes the same thing."""
 
+import dataclasses
+import io
 import json
 import shutil
+import sys
 
 import pytest
 import torch
-from helpers import Unpicklable, assert_one_line_error
-from helpers import run_cli as helpers_run_cli
+from helpers import Unpicklable, assert_one_line_error, run_cli
 
 from fastcnn.checkpoint import checkpoint_file, load_checkpoint
 from fastcnn.cli import main
@@ -14,10 +16,13 @@ from fastcnn.config import TrainConfig, resolve
 from fastcnn.data import DeviceLoader, TorchLoader, load_dataset
 from fastcnn.engine import Trainer
 from fastcnn.errors import FastcnnError
+from fastcnn.fault_injection import TEST_FAULT_ENV
 from fastcnn.models import build_model, get_spec
+from fastcnn.run_folder import remove_run_outputs, run_outputs
+from fastcnn.train import run_training
 
 
-def run_cli(args, tmp_path, capsys):
+def train_summary(args, tmp_path, capsys):
     code = main(["train", "--no-progress", "--output", str(tmp_path / "run"), *args])
     out = capsys.readouterr()
     assert code == 0, out.err
@@ -26,14 +31,14 @@ def run_cli(args, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_reference_preset_reaches_97_percent_on_mnist_in_one_epoch(data_root, tmp_path, capsys):
-    summary = run_cli(["--preset", "reference", "--data-dir", str(data_root)], tmp_path, capsys)
+    summary = train_summary(["--preset", "reference", "--data-dir", str(data_root)], tmp_path, capsys)
     assert summary["config"]["loader"] == "torch" and summary["config"]["reference_model"]
     assert summary["test_acc"] >= 97.0, summary["test_acc"]
 
 
 @pytest.mark.slow
 def test_fast_preset_reaches_97_percent_on_mnist_in_one_epoch(data_root, tmp_path, capsys):
-    summary = run_cli(["--data-dir", str(data_root)], tmp_path, capsys)
+    summary = train_summary(["--data-dir", str(data_root)], tmp_path, capsys)
     assert summary["config"]["loader"] == "device" and summary["config"]["amp"]
     assert summary["test_acc"] >= 97.0, summary["test_acc"]
 
@@ -70,7 +75,7 @@ def test_preset_resolution_and_overrides():
         "device", True, "bfloat16", True, False)
     ref = resolve(TrainConfig(preset="reference", device="cpu"))
     assert (ref.loader, ref.amp, ref.channels_last, ref.kernel, ref.reference_model) == (
-        "torch", False, False, "torch", True)
+        "torch", False, False, "aten", True)
     custom = resolve(TrainConfig(device="cpu", amp=False, loader="torch", batch_size=7, model="lenet"))
     assert (custom.amp, custom.loader, custom.batch_size, custom.dataset, custom.lr) == (
         False, "torch", 7, "fashion-mnist", 0.01)
@@ -108,7 +113,8 @@ def test_fused_optimizer_follows_the_default_implementation(opt):
 
 
 def test_training_on_synthetic_data_learns(tmp_path, capsys):
-    summary = run_cli(["--dataset", "synthetic", "--synthetic-size", "3000,500", "--epochs", "2"], tmp_path, capsys)
+    summary = train_summary(["--dataset", "synthetic", "--synthetic-size", "3000,500", "--epochs", "2"], tmp_path,
+                            capsys)
     assert summary["test_acc"] > 80.0
 
 
@@ -177,6 +183,113 @@ def test_every_unusable_checkpoint_is_one_line_saying_what_to_do(make, words, fi
     for word in words:
         assert word in message, (word, message)
     # the same refusal reaches the user of `train --resume` as one error line, before anything is written
-    code, _, err = helpers_run_cli(["train", "--resume", str(path), "--no-progress"], capsys)
+    code, _, err = run_cli(["train", "--resume", str(path), "--no-progress"], capsys)
     assert code == 1
     assert_one_line_error(err, str(path), *words)
+
+
+class RecordingStream(io.StringIO):
+    """stdout for a run, remembering for every line written how far the run was: how many rows metrics.jsonl held
+    and whether summary.json existed (it is written at the very end)."""
+
+    def __init__(self, run_folder):
+        super().__init__()
+        self.run_folder, self.lines, self.flushes = run_folder, [], 0
+
+    def write(self, text):
+        metrics = self.run_folder / "metrics.jsonl"
+        rows = metrics.read_text().count("\n") if metrics.exists() else 0
+        for line in text.splitlines():
+            self.lines.append((line, rows, (self.run_folder / "summary.json").exists()))
+        return super().write(text)
+
+    def flush(self):
+        self.flushes += 1
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_each_epoch_line_is_printed_as_its_epoch_ends_and_once(tmp_path):
+    folder = tmp_path / "run"
+    stream = RecordingStream(folder)
+    cfg = TrainConfig(dataset="synthetic", synthetic_size=(256, 128), epochs=3, output=str(folder), progress=False)
+    summary = run_training(cfg, stream=stream)
+    epoch_lines = [(line, rows, done) for line, rows, done in stream.lines if line.split()[:1] in (["1"], ["2"], ["3"])]
+    # epoch N's line comes right after its row reached metrics.jsonl, long before the summary
+    assert [(line.split()[0], rows, done) for line, rows, done in epoch_lines] == [
+        ("1", 1, False), ("2", 2, False), ("3", 3, False)]
+    assert sum(line.split()[:3] == ["epoch", "train", "loss"] for line, _, _ in stream.lines) == 1  # one header
+    assert stream.lines[0][0].startswith("training on synthetic")
+    first = epoch_lines[0][0].split()
+    history = summary_history(folder)
+    assert first[:7] == [f"{history[0]['epoch']}", f"{history[0]['train_loss']:.4f}", f"{history[0]['train_acc']:.2f}",
+                         f"{history[0]['test_loss']:.4f}", f"{history[0]['test_acc']:.2f}",
+                         f"{history[0]['epoch_seconds']:.2f}", f"{history[0]['images_per_second']:,.0f}"]
+    assert ":" in first[7] and epoch_lines[-1][0].split()[7] == "-"  # the run's time left; none after the last
+    assert stream.flushes >= 4  # the opening line and every epoch line are flushed when written
+    printed = [line for line, _, _ in stream.lines]
+    result = [i for i, line in enumerate(printed) if line.startswith(f"simplecnn on synthetic: test acc "
+                                                                     f"{summary['test_acc']:.2f}%")]
+    assert len(result) == 1 and result[0] > printed.index(epoch_lines[-1][0])  # the summary once, at the end
+    assert sum(line.split()[:1] == ["1"] for line in printed) == 1  # no table repeating the epochs at the end
+
+
+def summary_history(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_progress_bar_counts_the_runs_steps_with_its_eta_on_a_terminal_only(tmp_path, monkeypatch, capsys):
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    cfg = TrainConfig(dataset="synthetic", synthetic_size=(256, 128), epochs=2, output=str(tmp_path / "tty"))
+    run_training(cfg, stream=io.StringIO())
+    bar = terminal.getvalue()
+    assert "epoch 1/2" in bar and "epoch 2/2" in bar and "step 8/8" in bar and "ETA " in bar, bar[-500:]
+    monkeypatch.undo()
+    capsys.readouterr()
+    run_training(dataclasses.replace(cfg, output=str(tmp_path / "file")))  # stderr is no terminal here
+    assert capsys.readouterr().err == ""
+
+
+def test_resume_says_at_which_epoch_and_step_it_picks_up(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "run"
+    monkeypatch.setenv(TEST_FAULT_ENV, "0:3:SIGINT")  # the run stops itself after its third step
+    code, _, err = run_cli(["train", *SMALL_RUN, "--epochs", "2", "--output", str(folder)], capsys)
+    assert code == 130 and "checkpoint saved" in err
+    monkeypatch.delenv(TEST_FAULT_ENV)
+    code, out, err = run_cli(["train", "--resume", str(folder), "--no-progress"], capsys)
+    assert code == 0, err
+    assert f"resuming {folder / 'checkpoint.pt'} at epoch 1/2, step 3/4 (3/8 steps done)" in out.splitlines()[1]
+
+
+def test_overwrite_removes_the_replaced_runs_outputs_and_nothing_else(finished_run, tmp_path, capsys):
+    folder = tmp_path / "run"
+    shutil.copytree(finished_run, folder)
+    assert main(["eval", str(folder)]) == 0  # eval.json and confusion.png beside the old model
+    (folder / ".checkpoint.pt.x1y2.tmp").write_bytes(b"a write killed before its rename")
+    (folder / "notes.txt").write_text("mine")
+    (folder / "plots").mkdir()
+    (folder / "plots" / "curves.png").write_bytes(b"mine too")
+    assert main(["train", *SMALL_RUN, "--seed", "1", "--output", str(folder), "--overwrite"]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "checkpoint.pt", "curves.png", "metrics.jsonl", "notes.txt", "plots", "summary.json"]
+    assert (folder / "plots" / "curves.png").read_bytes() == b"mine too"
+    capsys.readouterr()
+    code, _, err = run_cli(["eval", str(folder)], capsys)  # no stale eval.json left to refuse over
+    assert code == 0, err
+
+
+def test_run_outputs_are_the_files_train_and_eval_write_in_the_folder_and_its_repeated_runs(tmp_path):
+    for path in ("summary.json", "eval.json", ".summary.json.abc.tmp", "notes.txt", "run1/checkpoint.pt",
+                 "run1/metrics.jsonl", "run1/mine.txt", "run2/summary.json", "run7/photo.png", "runs/summary.json"):
+        (tmp_path / path).parent.mkdir(exist_ok=True)
+        (tmp_path / path).write_text("x")
+    found = sorted(str(p.relative_to(tmp_path)) for p in run_outputs(tmp_path))
+    assert found == [".summary.json.abc.tmp", "eval.json", "run1/checkpoint.pt", "run1/metrics.jsonl",
+                     "run2/summary.json", "summary.json"]
+    remove_run_outputs(tmp_path)
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert left == ["notes.txt", "run1", "run1/mine.txt", "run7", "run7/photo.png", "runs", "runs/summary.json"]
