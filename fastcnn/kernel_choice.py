@@ -225,10 +225,17 @@ def _input_dtype(module: nn.Conv2d, key: CallKey) -> torch.dtype:
     return key.dtype if key.dtype in (torch.float16, torch.bfloat16) else module.weight.dtype
 
 
+# Tests set it to True to let the Triton interpreter on a CPU take part in contests as a GPU's kernels would (a
+# switch read at each call, so that every module that imported fused_is_an_option sees it).
+CONTEST_ON_INTERPRETER: bool = False
+
+
 def fused_is_an_option(device: torch.device) -> bool:
     """Whether ``auto`` may pick the fused kernel on ``device``: on CUDA where its Triton kernels run, on a CPU
-    where the native kernel runs. Never where only the Triton interpreter could run it (tests measure there by
-    replacing this function)."""
+    where the native kernel runs. Never where only the Triton interpreter could run it, unless tests ask for it
+    (``CONTEST_ON_INTERPRETER``)."""
+    if CONTEST_ON_INTERPRETER and device.type == "cpu" and fused_kernel_status(device)[0]:
+        return True
     return resolve_kernel("auto", device) == "fused"
 
 

@@ -22,7 +22,7 @@ def measurable_on_cpu(monkeypatch):
     """Let the CPU (the Triton interpreter) take part in the contest, as a GPU would."""
     if not ops.INTERPRET_ON_CPU:
         pytest.skip("needs TRITON_INTERPRET=1 before import (tests/conftest.py sets it)")
-    monkeypatch.setattr(kernel_choice, "fused_is_an_option", lambda device: True)
+    monkeypatch.setattr(kernel_choice, "CONTEST_ON_INTERPRETER", True)
 
 
 def scripted_timer(fused_wins):
