@@ -95,9 +95,9 @@ def format_race(doc: dict) -> str:
 
 def plot_race(path: pathlib.Path, doc: dict) -> None:
     """Test accuracy against training seconds, every run of both recipes."""
-    import matplotlib
+    import matplotlib  # optional dependency, and slow to import: only a race asked for a plot pays for it
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))

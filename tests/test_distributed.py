@@ -5,16 +5,18 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 from helpers import requires_cuda
 
 from fastcnn.cli import main
 from fastcnn.config import TrainConfig
-from fastcnn.distributed import DistributedContext
+from fastcnn.distributed import DistributedContext, per_rank_batch_size
 from fastcnn.engine import EpochProgress
 from fastcnn.errors import TrainingDivergedError, UsageError
 from fastcnn.fault_injection import TEST_FAULT_ENV
@@ -191,8 +193,6 @@ def test_one_process_checks_its_own_stop_flag_after_every_step_without_collectiv
 
 
 def test_agreement_through_a_real_gloo_group_of_one():
-    import torch.distributed as dist
-
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         ctx = DistributedContext(0, 1, 0, "gloo")
@@ -210,8 +210,6 @@ def test_agreement_through_a_real_gloo_group_of_one():
 
 
 def test_batch_that_does_not_split_over_processes_is_refused():
-    from fastcnn.distributed import per_rank_batch_size
-
     assert per_rank_batch_size(64, 2) == 32
     with pytest.raises(UsageError, match="multiple of 3"):
         per_rank_batch_size(64, 3)
@@ -224,7 +222,8 @@ def test_strip_nproc():
 def test_the_workers_environment_sets_their_threads_and_holds_torchruns_warnings_back(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
     env = worker_environment(4, {"PATH": "/bin"}, command="fastcnn train --nproc 4")
-    assert env == {"PATH": "/bin", "OMP_NUM_THREADS": "4", "LOGLEVEL": "CRITICAL", COMMAND_ENV: "fastcnn train --nproc 4"}
+    assert env == {"PATH": "/bin", "OMP_NUM_THREADS": "4", "LOGLEVEL": "CRITICAL",
+                   COMMAND_ENV: "fastcnn train --nproc 4"}
     assert worker_environment(32, {}, command="c")["OMP_NUM_THREADS"] == "1"
     own = worker_environment(4, {"OMP_NUM_THREADS": "3", "LOGLEVEL": "INFO"}, command="c")
     assert (own["OMP_NUM_THREADS"], own["LOGLEVEL"]) == ("3", "INFO")  # the user's own settings stay
@@ -269,8 +268,6 @@ def test_deterministic_runs_are_bitwise_identical(tmp_path, capsys):
 
 
 def test_torchrun_with_one_process_joins_a_process_group_of_one(monkeypatch):
-    import socket
-
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]

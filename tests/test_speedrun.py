@@ -8,6 +8,7 @@ import pytest
 from fastcnn.cli import main
 from fastcnn.config import TrainConfig, resolve
 from fastcnn.errors import UsageError
+from fastcnn.models import build_model
 from fastcnn.runs import format_mean_std
 
 
@@ -30,8 +31,6 @@ def test_recipe_errors():
     with pytest.raises(UsageError, match="no settings for dataset"):
         resolve(TrainConfig(recipe="speedrun", dataset="synthetic", device="cpu"))
     with pytest.raises(UsageError, match="--widths applies to fastnet"):
-        from fastcnn.models import build_model
-
         build_model("simplecnn", widths=(1, 2, 3))
 
 

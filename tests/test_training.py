@@ -12,7 +12,7 @@ from helpers import Unpicklable, assert_one_line_error, run_cli
 
 from fastcnn.checkpoint import checkpoint_file, load_checkpoint
 from fastcnn.cli import main
-from fastcnn.config import TrainConfig, resolve
+from fastcnn.config import TrainConfig, preset_defaults, resolve
 from fastcnn.data import DeviceLoader, TorchLoader, load_dataset
 from fastcnn.engine import Trainer
 from fastcnn.errors import FastcnnError
@@ -82,8 +82,6 @@ def test_preset_resolution_and_overrides():
 
 
 def test_fused_optimizer_is_on_in_the_fast_preset_only_and_a_flag_overrides_it(capsys):
-    from fastcnn.config import preset_defaults
-
     assert preset_defaults("fast", "cuda")["fused_optimizer"] is True
     assert preset_defaults("fast", "cpu")["fused_optimizer"] is True
     assert preset_defaults("reference", "cuda")["fused_optimizer"] is False  # the tutorials' torch default
