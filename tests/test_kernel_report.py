@@ -1,4 +1,4 @@
-"""bench/kernel_report.py turns the GPU kernel benchmark JSON into speed-ups, memory ratios and issue 3's verdicts;
+"""bench/kernel_report.py turns the GPU kernel benchmark JSON into speed-ups, memory ratios and verdicts on the goals;
 tested here on a small document shaped like pytest-benchmark's."""
 
 import importlib.util
