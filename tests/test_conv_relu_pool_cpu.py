@@ -14,7 +14,8 @@ import sys
 import pytest
 import torch
 from fastcnn.kernels import conv_relu_pool_cpu as native
-from test_conv_relu_pool import TwoBlocks, assert_close, check_against_reference, forward_backward, make_inputs
+from fused_blocks import TwoBlocks
+from test_conv_relu_pool import assert_close, check_against_reference, forward_backward, make_inputs
 
 import fastcnn.ops as ops
 from fastcnn.kernel_choice import choose_kernels
@@ -189,13 +190,13 @@ def test_compile_runs_the_native_kernel(dtype, monkeypatch):
 @needs_native
 def test_auto_is_the_native_kernel_on_cpu_and_choose_kernels_measures_it():
     cpu = torch.device("cpu")
-    assert resolve_kernel("auto", cpu) == "triton"
+    assert resolve_kernel("auto", cpu) == "fused"
     torch.manual_seed(0)
     model = TwoBlocks("auto")
     timings = choose_kernels(model, [torch.randn(4, 3, 12, 12)], [torch.randn(3, 3, 12, 12)])
     assert [(t.layer, t.key.training) for t in timings] == [
         ("block1", True), ("block2", True), ("block1", False), ("block2", False)]
-    assert all(t.fused_ms > 0 and t.torch_ms > 0 for t in timings)
+    assert all(t.fused_ms > 0 and t.aten_ms > 0 for t in timings)
     # forward follows the measured winner of each call shape: training (the parameters want gradients) and eval
     assert model.block1.implementation(torch.randn(4, 3, 12, 12)) == timings[0].choice
     with torch.no_grad():
@@ -230,7 +231,7 @@ def test_without_the_library_the_op_takes_the_aten_chain(monkeypatch):
         raise AssertionError("the native kernel was called although it is not loaded")
 
     monkeypatch.setattr(native, "conv_relu_pool_forward", fail)
-    assert resolve_kernel("auto", torch.device("cpu")) == "torch"
+    assert resolve_kernel("auto", torch.device("cpu")) == "aten"
     x, wt, b, draw_grad = make_inputs(2, 3, 6, 9, 8, 3, data="int")
     out, grads = forward_backward(conv_relu_pool, x, wt, b, 1, draw_grad((2, 6, 4, 4)))
     ref, ref_grads = forward_backward(conv_relu_pool_reference, x, wt, b, 1, draw_grad((2, 6, 4, 4)))
