@@ -26,7 +26,8 @@ def format_results(doc: dict) -> str:
         columns += [("test_acc", "test acc", ".2f")]
     elif any(row.get("ms_spread") for row in shown):
         columns += [("ms_spread", "p20-p80 ms", "s")]
-    columns += [("vs_first", f"vs {doc['baseline']}", "s")]
+    if len(measured) > 1:  # one line alone has nothing to be compared with
+        columns += [("vs_first", f"vs {doc['baseline']}", "s")]
     if any(row.get("vs_previous") for row in shown):  # only along an ablation: a column of dashes says nothing
         columns += [("vs_previous", "vs previous", "s")]
     if any(row.get("peak_memory_mb") is not None for row in measured):  # a CPU has no device peak to report
