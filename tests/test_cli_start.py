@@ -49,12 +49,18 @@ def test_python_dash_m_fastcnn_help_imports_no_torch(argv):
     result = python("-X", "importtime", "-m", "fastcnn", *argv)
     assert result.returncode == 0, result.stderr[-2000:]
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
-    if "torch" in imported:
-        root = python("-c", "import sys, fastcnn; print('torch' in sys.modules)")
-        if root.stdout.strip() == "True":
-            pytest.xfail("fastcnn/__init__.py imports torch at import (the Python API's eager exports): every "
-                         "`fastcnn` command imports it before the CLI starts; it must export lazily")
     assert "torch" not in imported
+
+
+def test_the_package_root_exports_lazily_and_accelerate_stays_the_function():
+    script = ("import sys, fastcnn; assert 'torch' not in sys.modules, 'import fastcnn imported torch'; "
+              "import fastcnn.accelerate.match; from fastcnn.accelerate import accelerate; "
+              "assert fastcnn.accelerate is accelerate and callable(accelerate); "
+              "assert sorted(fastcnn.__all__) == sorted([*fastcnn._EXPORTS, '__version__']); "
+              "print(fastcnn.ConvReLUPool2d.__module__, fastcnn.conv_relu_pool.__module__)")
+    result = python("-c", script)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["fastcnn.nn", "fastcnn.ops"]
 
 
 def test_version_is_the_packages():
