@@ -24,7 +24,7 @@
 #                       FASTCNN_AUTOTUNE=0: one kernel config instead of autotuning every test shape)
 #   epoch-b64           MNIST epochs at batch 64: `reference` (the tutorial program) and `fast`, test accuracy on each
 #   epoch-b512          `fast` at batch 512
-#   epoch-cudnn-b64     `fast-cudnn` at batch 64: the fast preset with cuDNN's chain, what the fused kernel buys
+#   epoch-cudnn-b64     `fast-aten` at batch 64: the fast preset with the aten chain (cuDNN on a GPU), what the fused kernel buys
 #   kernel-cell         SimpleCNN's layer, batch 512, bf16: fused vs cuDNN vs torch.compile (max-autotune) forward +
 #                       backward time, and a training step's peak memory, fused vs cuDNN; kernel-cell-report: ratios
 #   epoch-ablation-b64  if time is left: the ablation in MNIST epochs at batch 64 (one optimization at a time)
@@ -271,7 +271,7 @@ run_unit() {
         -k "graph_replayed and not compiled" --junitxml="$work/$1.xml" ;;
     epoch-b64) epoch_stage "$1" 100 64 reference,fast ;;
     epoch-b512) epoch_stage "$1" 60 512 fast ;;
-    epoch-cudnn-b64) epoch_stage "$1" 60 64 fast-cudnn ;;
+    epoch-cudnn-b64) epoch_stage "$1" 60 64 fast-aten ;;
     kernel-cell|kernels-all)
       gpu_only "$1" "a benchmark of CUDA kernels" || return 0
       local select=$kernel_cell limit=120
@@ -356,7 +356,7 @@ run_ablation() {
 
 run_variants() {
   stage variants-b64 300 "${fastcnn[@]}" bench --epoch --dataset mnist -b 64 --repeats 3 \
-    --configs fast,fast-fp32,fast-nchw,fast-cudnn,fast-default-opt --json "$work/gpu-$gpu-variants-b64.json"
+    --configs fast,fast-fp32,fast-nchw,fast-aten,fast-default-opt --json "$work/gpu-$gpu-variants-b64.json"
   # A process of its own: the profiler and CUDA graphs have crashed together on some CUDA versions.
   stage profile-b64 180 "${fastcnn[@]}" bench --dataset mnist -b 64 --steps 20 --warmup 5 --repeats 1 --profile 20 \
     --configs fused-opt,cuda-graph,fast,fast-fp32,fast-nchw --json "$work/gpu-$gpu-profile-b64.json"
