@@ -243,3 +243,16 @@ def test_dali_stays_optional_and_its_probe_imports_only_dali():
              "print(before, 'fastcnn.data.dali_loader' in sys.modules, 'fastcnn.data.imagefolder' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False", "False"]
+
+
+def test_a_failed_download_is_said_in_a_few_words():
+    from urllib.error import URLError
+
+    from fastcnn.data.mnist import download_failure
+
+    mirrors = RuntimeError("Error downloading train-images-idx3-ubyte.gz: Tried https://a/, got: <urlopen error "
+                           "[Errno -2] Name or service not known> Tried http://b/, got: <urlopen error [Errno -2] "
+                           "Name or service not known>")
+    assert download_failure(mirrors) == "no network: Name or service not known"
+    assert download_failure(URLError("timed out")) == "no network: timed out"
+    assert download_failure(OSError("x" * 500)).endswith("...")

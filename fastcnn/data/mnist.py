@@ -7,6 +7,7 @@ is a one-line DatasetError that names the folder and what to put there.
 from __future__ import annotations
 
 import pathlib
+import re
 import shutil
 
 import torch
@@ -20,6 +21,13 @@ MNIST_NAMES = ("mnist", "fashion-mnist")
 # Images in the train and the test split, the same for both sets
 MNIST_SPLIT_SIZES = (60_000, 10_000)
 IMAGE_SIZE = (28, 28)
+
+
+def download_failure(failed: BaseException) -> str:
+    """Why a torchvision download failed, in a few words: the network's own reason when there is one
+    (torchvision strings together every mirror it tried, each with the same urlopen error)."""
+    reason = re.search(r"<urlopen error (?:\[Errno -?\d+\] )?([^>]+)>", str(failed))
+    return f"no network: {reason.group(1)}" if reason else one_line(failed, limit=120)
 
 
 def load_mnist(name: str, train: bool, root: pathlib.Path, download: bool) -> ImageDataset:
@@ -48,8 +56,8 @@ def load_mnist(name: str, train: bool, root: pathlib.Path, download: bool) -> Im
         except Exception as failed:  # no network, or a mirror down: say what failed and what to do
             for folder in reversed(created):  # leave nothing behind from a failed download
                 shutil.rmtree(folder, ignore_errors=True)
-            raise DatasetError(f"{name} not found under {raw} ({what}) and the download failed "
-                               f"({one_line(failed)}); {hint}") from None
+            raise DatasetError(f"{name} not found under {raw} ({what}), and downloading it failed "
+                               f"({download_failure(failed)}); {hint}") from None
     except Exception as corrupt:  # torchvision asserts on a bad magic number, TypeError on a wrong dtype, ...
         raise DatasetError(f"{name} {split} split under {raw} is corrupt or truncated "
                            f"({one_line(corrupt) or type(corrupt).__name__ + ' while parsing'}); {hint}") from None
