@@ -29,6 +29,7 @@ bench: install
 
 lint: install
 	$(BIN)/ruff check fastcnn kernels tests bench
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
