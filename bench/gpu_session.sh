@@ -135,10 +135,10 @@ import datetime, json, os, pathlib, sys
 work, device = pathlib.Path(os.environ["GS_WORK"]), os.environ["GS_DEVICE"]
 if sys.argv[1] == "env":  # `fastcnn env` in the log, `fastcnn env --json` in gpu-<device>-env.json
     sys.path.insert(0, os.getcwd())  # the checkout's fastcnn, as `python -m fastcnn` imports it
-    from fastcnn import env
+    from fastcnn import env_report
 
-    info = env.collect()
-    print(env.format_report(info))
+    info = env_report.collect()
+    print(env_report.format_report(info))
     (work / f"gpu-{device}-env.json").write_text(json.dumps(info, indent=2) + "\n")
     sys.exit()
 try:
@@ -244,7 +244,7 @@ units=" ${lease_units[*]} ${lease2_units[*]} "
 run_install() {
   stage install 120 $py -m pip install -q --no-deps --no-build-isolation -e .
   stage env 60 $py "$meta" env
-  annotate "$work/gpu-$gpu-env.json" "fastcnn env --json (fastcnn.env.collect())"
+  annotate "$work/gpu-$gpu-env.json" "fastcnn env --json (fastcnn.env_report.collect())"
   $py -c "import nvidia.dali" 2>/dev/null || say "DALI is not importable here: the dali lines skip (DALI's wheels, \
 about 300 MB, cannot travel within a lease; its GPU path stays unmeasured)"
   [ -n "${FASTCNN_DATA:-}" ] || say "FASTCNN_DATA is unset and .gpu/data is missing (run bash bench/gpu_session.sh \

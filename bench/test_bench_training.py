@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from fastcnn import env
-from fastcnn.bench import ABLATION, BENCH_CONFIGS, configured
-from fastcnn.build import build_trainer, load_splits, warm_up
+from fastcnn.bench_configs import ABLATION, BENCH_CONFIGS, configured
+from fastcnn.build import build_trainer, load_splits, pay_one_time_costs
 from fastcnn.config import TrainConfig, resolve
 from fastcnn.engine import synchronize
 from fastcnn.errors import FastcnnError
@@ -41,7 +41,8 @@ def test_training_step_throughput(benchmark, config, model, batch_size):
         pytest.skip(str(unavailable))
     train_set, test_set = load_splits(rc)
     trainer, train_loader, test_loader = build_trainer(rc, train_set, test_set)
-    warm_up(rc, trainer, train_loader, test_loader, always=True, evaluate=False)  # as fastcnn bench's step mode
+    # as fastcnn bench's step mode
+    pay_one_time_costs(rc, trainer, train_loader, test_loader, always=True, evaluate=False)
     if rc.torch_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # the timed steps' peak, not warm-up's
     stream = itertools.chain.from_iterable(itertools.repeat(train_loader))

@@ -34,7 +34,7 @@ import signal
 import statistics
 import sys
 
-from fastcnn.bench_configs import ABLATION, BENCH_CONFIGS, BenchConfig, configured, format_config_list, parse_configs
+from fastcnn.bench_configs import ABLATION, BenchConfig, configured, format_config_list, parse_configs
 from fastcnn.bench_interrupt import StopSignals
 from fastcnn.bench_table import NOT_MEASURED, format_results, plot_results
 from fastcnn.bench_timing import time_epoch, time_steps
@@ -49,10 +49,7 @@ from fastcnn.report import refuse_existing, write_results
 from fastcnn.stopping import Interrupted
 from fastcnn.vocabulary import canonical_kernel
 
-# Kept for importers outside this module until they move (fastcnn.cli, bench/test_bench_training.py,
-# tests/test_cli_contract.py import these names from fastcnn.bench; they live in fastcnn.bench_configs).
-__all__ = ["ABLATION", "BENCH_CONFIGS", "BenchConfig", "configured", "parse_configs", "run_bench",
-           "run_bench_command"]
+__all__ = ["run_bench", "run_bench_command"]
 
 
 def run_bench(base: TrainConfig, configs: list[BenchConfig], *, steps: int = 50, warmup: int = 10,

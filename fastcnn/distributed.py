@@ -11,7 +11,6 @@ stop requests and non-finite losses are agreed on by all ranks together (fastcnn
 
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass
 
@@ -140,13 +139,3 @@ def global_progress(progress: EpochProgress, ctx: DistributedContext, device: to
                          torch.tensor(round(correct), dtype=torch.int64, device=device), round(samples),
                          ctx.max(progress.seconds, device), progress.batches)
 
-
-_MOVED_TO_LAUNCH = ("launch", "strip_nproc", "run_torchrun")
-
-
-def __getattr__(name: str):
-    # kept for importers outside this module until they move (fastcnn.cli imports launch and strip_nproc from
-    # here): they live in fastcnn.launch, which sits above this module, so only a lazy lookup can re-export them.
-    if name in _MOVED_TO_LAUNCH:
-        return getattr(importlib.import_module("fastcnn.launch"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,7 +4,6 @@ versions, device names, the source commit. ``fastcnn env`` prints them with what
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
 import os
 import pathlib
@@ -63,14 +62,3 @@ def git_commit() -> str | None:
         return None
     return commit + ("-dirty" if dirty else "") if commit else None
 
-
-_MOVED_TO_ENV_REPORT = ("collect", "features", "format_report")
-
-
-def __getattr__(name: str):
-    # kept for importers outside this module until they move (bench/gpu_session.sh calls env.collect and
-    # env.format_report): the report lives in fastcnn.env_report, which sits above the modules that import this
-    # one (kernel_choice), so only a lookup at first use can re-export it.
-    if name in _MOVED_TO_ENV_REPORT:
-        return getattr(importlib.import_module("fastcnn.env_report"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

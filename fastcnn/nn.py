@@ -11,11 +11,7 @@ from fastcnn.kernels.contract import CONV_CONTRACT, conv_problem
 from fastcnn.ops import conv_relu_pool, conv_relu_pool_aten
 from fastcnn.vocabulary import canonical_kernel
 
-__all__ = ["ConvReLUPool2d", "fusion_problem", "resolve_kernel", "KERNEL_CHOICES"]
-
-# The old names of the kernel= choices, kept for importers outside this module until they move (to
-# fastcnn.vocabulary.KERNELS, translating with canonical_kernel).
-KERNEL_CHOICES = ("auto", "triton", "torch")
+__all__ = ["ConvReLUPool2d", "fusion_problem", "resolve_kernel"]
 
 
 def fusion_problem(conv: nn.Conv2d) -> str | None:

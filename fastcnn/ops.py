@@ -55,14 +55,11 @@ except (ImportError, RuntimeError) as err:
     _TRITON_ERROR = f"{type(err).__name__}: {err}"
 
 from fastcnn.kernels import conv_relu_pool_cpu as _native
-from fastcnn.kernels.contract import MAX_KERNEL_SIZE, SUPPORTED_DTYPES, call_problem
+from fastcnn.kernels.contract import SUPPORTED_DTYPES, call_problem
 from fastcnn.kernels.layout import memory_format_of, pooled_size
 
 __all__ = ["conv_relu_pool", "conv_relu_pool_aten", "conv_relu_pool_reference", "fused_kernel_status",
-           "native_kernel_status", "native_runs_on_cpu", "INTERPRET_ON_CPU", "NATIVE_ON_CPU",
-           # kept for importers outside this module until they move (the contract's home is fastcnn.kernels.contract;
-           # conv_pool_relu is conv_relu_pool_aten's old name)
-           "MAX_KERNEL_SIZE", "SUPPORTED_DTYPES", "conv_pool_relu"]
+           "native_kernel_status", "native_runs_on_cpu", "INTERPRET_ON_CPU", "NATIVE_ON_CPU"]
 
 # Triton decides at kernel definition (the import above) whether @triton.jit kernels are interpreted, so the
 # op captures the same decision once. Tests set it to False to reach the aten branch on CPU (torch.compile).
@@ -96,7 +93,6 @@ def conv_relu_pool_aten(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return F.relu(F.max_pool2d(F.conv2d(x, weight, bias, padding=padding), kernel_size=2, stride=2))
 
 
-conv_pool_relu = conv_relu_pool_aten  # kept for importers outside this module until they move (the old name)
 
 
 # --------------------------------------------------------------------------------------------- helpers

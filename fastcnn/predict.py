@@ -31,8 +31,8 @@ from torchvision import datasets
 
 from fastcnn.checkpoint import checkpoint_file
 from fastcnn.config import pick_device
-from fastcnn.data.device_loader import as_channel_tensor, normalize_uint8
 from fastcnn.data.image_headers import GRAY_MODES
+from fastcnn.data.normalization import as_channel_tensor, normalize_uint8
 from fastcnn.errors import FastcnnError, UsageError
 from fastcnn.evaluate import count_outputs, load_model
 from fastcnn.vocabulary import FIT_CHOICES, INVERT_CHOICES

@@ -197,7 +197,7 @@ def test_version_and_help_exit_0(capsys):
 
 
 def test_every_bench_configuration_name_is_accepted(capsys):
-    from fastcnn.bench import parse_configs
+    from fastcnn.bench_configs import parse_configs
 
     assert len(parse_configs(",".join(BENCH_CONFIGS))) == len(BENCH_CONFIGS)
     code, out, _ = run_cli(["bench", "--list"], capsys)

@@ -211,7 +211,7 @@ def test_bad_checkpoint_and_arguments(bad_files, checkpoint, tmp_path, capsys):
 
 def own_predictions(checkpoint, pixels: torch.Tensor) -> list[int]:
     """The model's own predictions on uint8 (N, C, H, W) tensors, normalized as in training (fp32)."""
-    from fastcnn.data.device_loader import as_channel_tensor, normalize_uint8
+    from fastcnn.data.normalization import as_channel_tensor, normalize_uint8
     from fastcnn.evaluate import load_model
 
     loaded = load_model(checkpoint)

@@ -12,7 +12,7 @@ from torch.autograd import DeviceType
 
 from fastcnn.cli import main
 from fastcnn.data import DeviceLoader
-from fastcnn.data.datasets import synthetic_dataset
+from fastcnn.data.synthetic import synthetic_dataset
 from fastcnn.engine import Trainer
 from fastcnn.models import SimpleCNN
 from fastcnn.profiling import FirstBatches, format_profile, profile_training, summarize, top_kernels, union_length

@@ -10,7 +10,7 @@ from fastcnn.vocabulary import canonical_kernel
 def registries():
     from fastcnn.config import AMP_DTYPES, COMPILE_MODES, DEVICES, OPTIMIZERS, PRESETS
     from fastcnn.data import DATASETS, LOADERS
-    from fastcnn.data.datasets import CHANNEL_CHOICES
+    from fastcnn.data.image_shape import CHANNEL_CHOICES
     from fastcnn.engine import SCHEDULES
     from fastcnn.models import MODELS
     from fastcnn.recipes import RECIPES

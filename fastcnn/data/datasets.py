@@ -21,10 +21,7 @@ from fastcnn.errors import NotAvailableError, UsageError
 
 DATASETS = ("mnist", "fashion-mnist", "synthetic", "imagefolder", "cifar10")
 
-# CHANNEL_CHOICES, ImageDataset, describe_shape and synthetic_dataset were defined here: re-exported, kept for
-# importers outside this module until they move (to image_shape, image_dataset and synthetic).
-__all__ = ["CHANNEL_CHOICES", "DATASETS", "ImageDataset", "default_data_root", "describe_shape", "load_dataset",
-           "synthetic_dataset"]
+__all__ = ["DATASETS", "default_data_root", "load_dataset"]
 
 
 def default_data_root(data_dir: str | os.PathLike | None = None) -> pathlib.Path:

@@ -21,9 +21,7 @@ from fastcnn.data.sampling import batches_per_epoch, check_sharding, epoch_permu
 PREPARED_MAX_BYTES = 2 * 2**30  # normalized copy kept on the device up to this size (MNIST fp32: 188 MB)
 _PREPARE_CHUNK = 8192  # images normalized at a time at set-up, to bound the fp32 temporary
 
-# as_channel_tensor and normalize_uint8 were defined here (now in fastcnn.data.normalization): kept for importers
-# outside this module until they move.
-__all__ = ["PREPARED_MAX_BYTES", "DeviceLoader", "ResidentLoader", "as_channel_tensor", "normalize_uint8"]
+__all__ = ["PREPARED_MAX_BYTES", "DeviceLoader", "ResidentLoader"]
 
 
 class ResidentLoader:
