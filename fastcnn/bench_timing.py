@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from fastcnn.build import build_trainer, warm_up
+from fastcnn.build import build_trainer, pay_one_time_costs
 from fastcnn.config import ResolvedConfig
 from fastcnn.engine import synchronize
 from fastcnn.profiling import profile_training
@@ -34,8 +34,8 @@ def time_steps(rc: ResolvedConfig, train_set, test_set, *, steps: int, warmup: i
     trainer, train_loader, test_loader = build_trainer(rc, train_set, test_set)
     # Compile only what the timed steps run: no evaluation, and the epoch's smaller last batch only if reached.
     reaches_last_batch = warmup + repeats * steps >= len(train_loader)
-    compile_seconds = warm_up(rc, trainer, train_loader, test_loader, always=True, evaluate=False,
-                              last_batch=reaches_last_batch)
+    compile_seconds = pay_one_time_costs(rc, trainer, train_loader, test_loader, always=True, evaluate=False,
+                                         last_batch=reaches_last_batch)
 
     def batches():
         for epoch in itertools.count():
@@ -73,7 +73,7 @@ def time_steps(rc: ResolvedConfig, train_set, test_set, *, steps: int, warmup: i
 def time_epoch(rc: ResolvedConfig, train_set, test_set, *, profile: int = 0) -> dict:
     _free_device_memory(rc.torch_device)
     trainer, train_loader, test_loader = build_trainer(rc, train_set, test_set)
-    compile_seconds = warm_up(rc, trainer, train_loader, test_loader, always=True)
+    compile_seconds = pay_one_time_costs(rc, trainer, train_loader, test_loader, always=True)
     baseline = _reset_peak(rc.torch_device)
     train_loader.set_epoch(0)
     stats = trainer.train_epoch(train_loader)

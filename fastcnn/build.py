@@ -78,11 +78,12 @@ def build_trainer(rc: ResolvedConfig, train_set: ImageDataset, test_set: ImageDa
     return trainer, train_loader, test_loader
 
 
-def warm_up(rc: ResolvedConfig, trainer: Trainer, train_loader, test_loader,
-            ctx: DistributedContext | None = None, known_kernels: list[KernelTiming] | None = None, *,
-            always: bool = False, evaluate: bool = True, last_batch: bool = True) -> float:
-    """Pay one-time costs (compilation, autotuning) before the clock starts; returns their seconds.
-    Model, optimizer and RNG are put back as they were, so training itself is unchanged.
+def pay_one_time_costs(rc: ResolvedConfig, trainer: Trainer, train_loader, test_loader,
+                       ctx: DistributedContext | None = None, known_kernels: list[KernelTiming] | None = None, *,
+                       always: bool = False, evaluate: bool = True, last_batch: bool = True) -> float:
+    """Pay one-time costs (compilation, autotuning, kernel choice) before the clock starts, by warming ``trainer``
+    up (``Trainer.warm_up``) when the run has any; returns their seconds. Model, optimizer and RNG are put back as
+    they were, so training itself is unchanged.
 
     ``kernel="auto"`` is decided here by measurement (``known_kernels``: a resumed run's, not measured again);
     with several processes rank 0 measures and every rank takes its choices. Training warms up only where there

@@ -21,9 +21,7 @@ import time
 import torch
 from tqdm import tqdm
 
-# build_trainer, load_splits, warm_up and EVAL_BATCH_SIZE: kept for importers outside this module until they move
-# (they live in fastcnn.build)
-from fastcnn.build import EVAL_BATCH_SIZE, build_trainer, fit_to_data, load_splits, warm_up  # noqa: F401
+from fastcnn.build import build_trainer, fit_to_data, load_splits, pay_one_time_costs
 from fastcnn.checkpoint import RunRecord, capture_rng, restore_rng, restore_trainer, save_checkpoint, trainer_state
 from fastcnn.config import TrainConfig, resolve
 from fastcnn.determinism import deterministic_algorithms
@@ -40,8 +38,6 @@ from fastcnn.run_folder import check_output_dir, default_output_dir, remove_run_
 from fastcnn.run_log import EpochLog, describe_resume, print_opening, print_summary, progress_bar
 from fastcnn.run_plan import RunPlan, plan_run
 from fastcnn.runs import aggregate_runs, print_repeated_log
-
-# Interrupted: kept for importers outside this module until they move (it lives in fastcnn.stopping)
 from fastcnn.stopping import Interrupted, StopAgreement, StopRequests
 
 
@@ -115,7 +111,8 @@ class TrainingRun:
             print(describe_resume(self.plan.cfg.resume, self.plan.resume_state, rc, len(self.train_loader),
                                   ctx.world_size if ctx.enabled else 1), file=self.stream, flush=True)
         known_kernels = self.resume(self.plan.resume_state) if self.plan.resume_state is not None else []
-        self.warmup_seconds = warm_up(rc, self.trainer, self.train_loader, self.test_loader, ctx, known_kernels)
+        self.warmup_seconds = pay_one_time_costs(rc, self.trainer, self.train_loader, self.test_loader, ctx,
+                                                 known_kernels)
         install_test_fault(self.trainer, ctx.rank)
 
     def resume(self, state: dict) -> list:

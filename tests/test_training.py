@@ -291,3 +291,12 @@ def test_run_outputs_are_the_files_train_and_eval_write_in_the_folder_and_its_re
     remove_run_outputs(tmp_path)
     left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     assert left == ["notes.txt", "run1", "run1/mine.txt", "run7", "run7/photo.png", "runs", "runs/summary.json"]
+
+
+def test_the_run_layers_names_each_have_one_home():
+    import fastcnn.build
+    import fastcnn.train
+
+    # No re-exports left from the re-cut, no second name for the warm-up.
+    assert not hasattr(fastcnn.train, "EVAL_BATCH_SIZE") and not hasattr(fastcnn.build, "warm_up")
+    assert callable(fastcnn.build.pay_one_time_costs) and callable(Trainer.warm_up)
