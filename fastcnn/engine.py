@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fastcnn.errors import TrainingDivergedError
 from fastcnn.kernel_choice import KernelTiming, apply_choices, choose_kernels
-from fastcnn.steps import CapturedStep, EagerStep, GraphedStep, StepParts, TrainStep, graph_policy
+from fastcnn.steps import EagerStep, GraphedStep, StepParts, TrainStep, graph_policy
 
 PROGRESS_REFRESH_STEPS = 50
 
@@ -164,18 +164,6 @@ class Trainer:
     def cuda_graph(self) -> bool:
         """Whether steps run as a whole-step graph: asked for, and not fallen back after a failed capture."""
         return isinstance(self.step, GraphedStep) and not self.step.fallen_back
-
-    @property
-    def replayed_last_step(self) -> bool:
-        """Whether the last train_step was a graph replay. Kept for importers outside this module until they move
-        (to ``self.step.replayed_last``)."""
-        return isinstance(self.step, GraphedStep) and self.step.replayed_last
-
-    @property
-    def graphed_step(self) -> CapturedStep | None:
-        """The captured step, once captured. Kept for importers outside this module until they move (to
-        ``self.step.captured``)."""
-        return self.step.captured if isinstance(self.step, GraphedStep) else None
 
     def autocast(self, cache_enabled: bool = True):
         if self.amp_dtype is None:

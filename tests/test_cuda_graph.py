@@ -8,6 +8,7 @@ tests marked gpu check against eager steps on a GPU. The in-place restores captu
 """
 
 import copy
+import math
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from helpers import requires_cuda
 from fastcnn.cuda_graph import WARMUP_STEPS, restore_optimizer_in_place, run_then_undo, snapshot_optimizer
 from fastcnn.data import DeviceLoader, synthetic_dataset
 from fastcnn.engine import EpochProgress, Trainer, build_optimizer, build_schedule
+from fastcnn.fault_injection import TEST_FAULT_ENV, install_test_fault
 from fastcnn.models import build_model
 from fastcnn.steps import EagerStep, GraphedStep, GraphPolicy, graph_policy
 
@@ -300,6 +302,17 @@ def test_the_epoch_loop_has_the_loader_gather_straight_into_the_graph_inputs():
     done = progress.to_dict()
     trainer.train_step(*next(iter(loader)))
     assert progress.to_dict() == done and progress.loss_sum is not captured.loss_sum
+
+
+def test_a_nan_fault_reaches_the_sums_a_graphed_epoch_keeps_in_its_graph(monkeypatch):
+    # The test hook of the distributed tests (fastcnn.fault_injection): a replayed step's loss is added to the
+    # epoch's sums by the graph itself, so the hook poisons the graph's sums (trainer.step.captured).
+    monkeypatch.setenv(TEST_FAULT_ENV, "0:3:nan")
+    torch.manual_seed(0)
+    trainer = Trainer(build_model("simplecnn", kernel="aten"), device=CPU, make_step=graphed_anywhere)
+    install_test_fault(trainer, rank=0)
+    stats = trainer.train_epoch(DeviceLoader(synthetic_dataset(5 * 16), 16, mean=0.13, std=0.31), check_loss=False)
+    assert trainer.step.replayed_last and math.isnan(stats.loss)
 
 
 def test_an_eager_step_serves_nothing_into_and_leaves_the_loader_as_it_was():

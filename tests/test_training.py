@@ -300,3 +300,4 @@ def test_the_run_layers_names_each_have_one_home():
     # No re-exports left from the re-cut, no second name for the warm-up.
     assert not hasattr(fastcnn.train, "EVAL_BATCH_SIZE") and not hasattr(fastcnn.build, "warm_up")
     assert callable(fastcnn.build.pay_one_time_costs) and callable(Trainer.warm_up)
+    assert not hasattr(Trainer, "replayed_last_step") and not hasattr(Trainer, "graphed_step")
