@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastcnn.build import EVAL_BATCH_SIZE
 from fastcnn.checkpoint import atomic_write_bytes, checkpoint_file, load_checkpoint
 from fastcnn.config import AMP_DTYPES, pick_device
 from fastcnn.data import DeviceLoader, load_dataset
@@ -25,10 +26,8 @@ from fastcnn.env import device_name, versions
 from fastcnn.errors import FastcnnError, UsageError
 from fastcnn.models import MODELS, build_model
 from fastcnn.report import format_table, write_json
+from fastcnn.run_folder import EVAL_FILES
 from fastcnn.vocabulary import canonical_kernel
-
-EVAL_FILES = ("eval.json", "confusion.png")
-EVAL_BATCH_SIZE = 1000  # what `fastcnn train` evaluates with (at least the run's batch size)
 
 
 @dataclasses.dataclass

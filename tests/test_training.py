@@ -295,9 +295,13 @@ def test_run_outputs_are_the_files_train_and_eval_write_in_the_folder_and_its_re
 
 def test_the_run_layers_names_each_have_one_home():
     import fastcnn.build
+    import fastcnn.evaluate
+    import fastcnn.run_folder
     import fastcnn.train
 
-    # No re-exports left from the re-cut, no second name for the warm-up.
+    # No re-exports left from the re-cut, no second name for the warm-up, no copied constants.
     assert not hasattr(fastcnn.train, "EVAL_BATCH_SIZE") and not hasattr(fastcnn.build, "warm_up")
     assert callable(fastcnn.build.pay_one_time_costs) and callable(Trainer.warm_up)
     assert not hasattr(Trainer, "replayed_last_step") and not hasattr(Trainer, "graphed_step")
+    assert fastcnn.evaluate.EVAL_BATCH_SIZE is fastcnn.build.EVAL_BATCH_SIZE
+    assert fastcnn.evaluate.EVAL_FILES is fastcnn.run_folder.EVAL_FILES
