@@ -14,10 +14,11 @@ import sys
 import tempfile
 
 from fastcnn.build import load_splits
+from fastcnn.checkpoint import atomic_write_bytes
 from fastcnn.config import TrainConfig, resolve
 from fastcnn.env import device_name, git_commit, versions
 from fastcnn.errors import UsageError
-from fastcnn.report import atomic_write_bytes, format_table, refuse_existing, write_results
+from fastcnn.report import format_table, refuse_existing, speedup_words, write_results
 from fastcnn.runs import mean_std
 from fastcnn.train import run_training
 
@@ -81,16 +82,20 @@ class _Discard:
 
 
 def format_race(doc: dict) -> str:
+    """The race's table (a "± std" of one run is no spread: "-", though the JSON keeps its 0.0) and the ratio of
+    the mean training seconds in words (fastcnn.report.speedup_words)."""
+    spread = doc["runs"] > 1
     rows = [dict(recipe=name, model=c["model"], batch=c["batch_size"], test_acc=c["test_acc"],
-                 test_acc_std=c["test_acc_std"], seconds=c["train_seconds"], seconds_std=c["train_seconds_std"])
+                 test_acc_std=c["test_acc_std"] if spread else None, seconds=c["train_seconds"],
+                 seconds_std=c["train_seconds_std"] if spread else None)
             for name, c in doc["contenders"].items()]
     columns = [("recipe", "recipe", "s"), ("model", "model", "s"), ("batch", "batch", "d"),
                ("test_acc", "test acc %", ".2f"), ("test_acc_std", "± std", ".2f"),
                ("seconds", "train s", ".3f"), ("seconds_std", "± std", ".3f")]
-    head = (f"race on {doc['dataset']}: {doc['runs']} runs each, interleaved | {doc['device_name']} | torch "
-            f"{doc['versions']['torch']}")
-    return (f"{head}\n\n{format_table(rows, columns)}\n\nspeedrun trains {doc['speedup']:.2f}x faster than the "
-            f"public recipe (mean training seconds)")
+    runs = f"{doc['runs']} runs each, interleaved" if spread else "1 run each"
+    head = f"race on {doc['dataset']}: {runs} | {doc['device_name']} | torch {doc['versions']['torch']}"
+    return (f"{head}\n\n{format_table(rows, columns)}\n\nspeedrun against the public recipe, mean training seconds: "
+            f"{speedup_words(doc['speedup'])}")
 
 
 def plot_race(path: pathlib.Path, doc: dict) -> None:

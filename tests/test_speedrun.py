@@ -9,6 +9,8 @@ from fastcnn.cli import main
 from fastcnn.config import TrainConfig, resolve
 from fastcnn.errors import UsageError
 from fastcnn.models import build_model
+from fastcnn.race import format_race
+from fastcnn.report import speedup_words
 from fastcnn.runs import format_mean_std
 
 
@@ -74,4 +76,34 @@ def test_race_reports_both_recipes_and_their_ratio(data_root, tmp_path, capsys):
     # 1024 images in batches of 256: 4 steps, evaluated after each of the first 3 and at the end
     assert len(public["per_run"][0]["evals"]) == len(speedrun["per_run"][0]["evals"]) == 4
     assert png_path.read_bytes()[:4] == b"\x89PNG"
-    assert "faster than the public recipe" in out
+    assert (f"speedrun against the public recipe, mean training seconds: {speedup_words(doc['speedup'])}"
+            in out.splitlines())
+    assert public["test_acc_std"] == 0.0  # one run: the JSON keeps 0.0, the table shows no spread
+    rows = table_rows(out)
+    assert [row[4] for row in rows] == [row[6] for row in rows] == ["-", "-"]
+
+
+def table_rows(printed):
+    """The race table's two rows, split into cells (recipe, model, batch, acc, its std, seconds, their std)."""
+    return [line.split() for line in printed.splitlines() if line.split()[:1] in (["public"], ["speedrun"])
+            and len(line.split()) == 7]
+
+
+def race_doc(runs, speedup):
+    contender = dict(model="m", batch_size=256, test_acc=99.1, test_acc_std=0.05 if runs > 1 else 0.0,
+                     train_seconds=1.5, train_seconds_std=0.125 if runs > 1 else 0.0)
+    return dict(dataset="mnist", runs=runs, device_name="cpu", versions=dict(torch="2.x"), speedup=speedup,
+                contenders=dict(public=dict(contender), speedrun=dict(contender)))
+
+
+@pytest.mark.parametrize("runs, speedup, words, spreads", [
+    (3, 2.4, "2.40x faster", ["0.05", "0.125"]),
+    (2, 0.8, "0.80x: slower", ["0.05", "0.125"]),
+    (1, 1.001, "1.00x: as fast", ["-", "-"]),
+])
+def test_the_race_words_its_ratio_and_shows_no_spread_for_one_run(runs, speedup, words, spreads):
+    text = format_race(race_doc(runs, speedup))
+    assert text.splitlines()[-1] == f"speedrun against the public recipe, mean training seconds: {words}"
+    rows = table_rows(text)
+    assert [[row[4], row[6]] for row in rows] == [spreads, spreads]
+    assert ("1 run each" in text.splitlines()[0]) == (runs == 1)
