@@ -122,8 +122,9 @@ def _unreadable(path: pathlib.Path, head: bytes, err: Exception) -> str:
 @dataclass
 class RunRecord:
     """What a run has done so far, as its checkpoints record it beside the weights: the finished epochs' rows
-    (``history``), every test evaluation (``evals``), the training and evaluation clocks, and where a stopped run
-    stopped (``epoch`` epochs finished, ``batch`` batches into the next, with that epoch's sums in ``partial``)."""
+    (``history``), every test evaluation (``evals``), the training loss within epochs (``step_losses``:
+    fastcnn.train.StepLosses), the training and evaluation clocks, and where a stopped run stopped (``epoch``
+    epochs finished, ``batch`` batches into the next, with that epoch's sums in ``partial``)."""
 
     history: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
@@ -132,15 +133,22 @@ class RunRecord:
     epoch: int = 0
     batch: int = 0
     partial: dict | None = None  # EpochProgress.to_dict() of the epoch a stop cut
+    step_losses: list[dict] = field(default_factory=list)  # {"epoch": fractional epoch, "train_loss": ...}
 
     def to_state(self) -> dict:
         return dict(history=self.history, evals=self.evals, train_seconds=self.train_seconds,
-                    eval_seconds=self.eval_seconds, epoch=self.epoch, batch=self.batch, partial=self.partial)
+                    eval_seconds=self.eval_seconds, epoch=self.epoch, batch=self.batch, partial=self.partial,
+                    step_losses=self.step_losses)
 
     @classmethod
     def from_state(cls, state: dict) -> RunRecord:
-        return cls(list(state["history"]), list(state.get("evals", [])), state["train_seconds"],
-                   state.get("eval_seconds", 0.0), state["epoch"], state["batch"], state.get("partial"))
+        history = list(state["history"])
+        # A checkpoint written before step losses were recorded: its epochs' mean losses are its curve (a row each).
+        step_losses = state.get("step_losses", [dict(epoch=row["epoch"], train_loss=row["train_loss"])
+                                                for row in history])
+        return cls(history=history, evals=list(state.get("evals", [])), train_seconds=state["train_seconds"],
+                   eval_seconds=state.get("eval_seconds", 0.0), epoch=state["epoch"], batch=state["batch"],
+                   partial=state.get("partial"), step_losses=list(step_losses))
 
 
 def trainer_state(trainer: Trainer) -> dict:

@@ -139,6 +139,7 @@ class TrainingRun:
 
     def train_epochs(self) -> None:
         steps, first_epoch = len(self.train_loader), self.record.epoch
+        step_losses = StepLosses(self.record.step_losses, steps)
         bar = progress_bar(self.rc.epochs * steps, first_epoch * steps + self.record.batch,
                            enabled=self.plan.cfg.progress and self.main)
         started = time.perf_counter()
@@ -146,7 +147,7 @@ class TrainingRun:
             with StopRequests() as stop:
                 agreement = StopAgreement(stop, self.ctx, self.rc.torch_device, steps)
                 for epoch in range(first_epoch, self.rc.epochs):
-                    self.train_epoch(epoch, agreement, bar)
+                    self.train_epoch(epoch, agreement, step_losses, bar)
                     left = self.rc.epochs - epoch - 1
                     if self.main:  # the run's time left, at this process's pace so far (evaluation included)
                         eta = (time.perf_counter() - started) / (epoch + 1 - first_epoch) * left if left else None
@@ -156,19 +157,26 @@ class TrainingRun:
         finally:
             bar.close()
 
-    def train_epoch(self, epoch: int, agreement: StopAgreement, bar: tqdm) -> None:
+    def train_epoch(self, epoch: int, agreement: StopAgreement, step_losses: StepLosses, bar: tqdm) -> None:
         """One epoch (or the rest of a resumed one), its test evaluation, its row of history and its checkpoint."""
         rc, record = self.rc, self.record
         self.train_loader.set_epoch(epoch, record.batch if epoch == record.epoch else 0)
         bar.set_description_str(f"epoch {epoch + 1}/{rc.epochs}")
         progress = self.partial or EpochProgress.start(rc.torch_device)
         self.partial = None
+        step_losses.start(epoch, progress)
+
+        def after_step(progress: EpochProgress) -> None:
+            step_losses.after_step(progress)  # before a stop, which the agreement may raise
+            agreement.after_step(progress)
+
         try:
             stats = self.trainer.train_epoch(
-                self.train_loader, progress=progress, bar=bar, on_batch=agreement.after_step,
+                self.train_loader, progress=progress, bar=bar, on_batch=after_step,
                 eval_every=rc.eval_every, on_eval=lambda p: self.evaluate(epoch, p.batches, p.seconds),
                 check_loss=not self.ctx.enabled)
         except Interrupted:
+            step_losses.flush(progress)  # this rank's own sums, up to the step it stopped at
             # Every rank stopped at this same step (StopAgreement): rank 0 saves the sums of all of them.
             progress = global_progress(progress, self.ctx, rc.torch_device)
             self.save_checkpoint(epoch, progress.batches, progress)
@@ -176,6 +184,7 @@ class TrainingRun:
         stats = global_stats(stats, self.ctx, rc.torch_device)
         if self.ctx.enabled:  # the ranks' own checks were off (one would raise alone): check the global loss
             check_finite(stats.loss, "training")
+        step_losses.flush()
         test_loss, test_acc = self.evaluate(epoch, len(self.train_loader), stats.seconds)
         record.train_seconds += stats.seconds
         record.history.append(dict(epoch=epoch + 1, train_loss=stats.loss, train_acc=stats.accuracy,
@@ -247,10 +256,61 @@ class TrainingRun:
         if self.main:
             write_json(self.output / "summary.json", summary)
             plot_curves(self.output / "curves.png", self.record.history,
-                        f"{self.rc.model} on {self.rc.dataset} ({self.rc.preset} preset, {self.rc.device})")
+                        f"{self.rc.model} on {self.rc.dataset} ({self.rc.preset} preset, {self.rc.device})",
+                        step_losses=self.record.step_losses)
             print_summary(summary, self.stream)
         self.ctx.barrier()
         return summary
+
+
+def step_loss_every(steps_per_epoch: int) -> int:
+    """Every how many batches a run records its training loss within an epoch: about 20 times an epoch, at most
+    every 50 batches (and at each epoch's last batch)."""
+    return max(1, min(50, steps_per_epoch // 20))
+
+
+class StepLosses:
+    """The training loss within epochs, for curves.png (readable from one epoch on): rows ``{"epoch": epoch +
+    batches / steps_per_epoch, "train_loss": the mean loss since the row before}``, appended to ``rows`` (the run
+    record's ``step_losses``, saved with every checkpoint).
+
+    Every ``step_loss_every`` batches and at an epoch's last batch, ``after_step`` copies the epoch's running loss
+    sum on the device, without synchronizing; on the other steps it only compares two integers. ``flush`` reads
+    the copies in one go where the run waits for the device anyway (an epoch's end, a stop) and makes each row from
+    the change in the loss sum and in the sample count since the copy before. A stop adds a row at its step, so a
+    resumed run counts every step once. Data parallel: every rank records its own batches; rank 0's are saved."""
+
+    def __init__(self, rows: list[dict], steps_per_epoch: int):
+        self.rows, self.steps_per_epoch = rows, steps_per_epoch
+        self.every = step_loss_every(steps_per_epoch)
+        self.epoch = 0
+        self.marks: list[tuple[int, torch.Tensor, int]] = []  # (batches, loss sum then, samples then); [0]: the base
+
+    def start(self, epoch: int, progress: EpochProgress) -> None:
+        """Before epoch ``epoch`` (counted from 0), whose sums are ``progress`` (a resumed epoch's are not zero)."""
+        self.epoch, self.marks = epoch, [self._mark(progress)]
+
+    def after_step(self, progress: EpochProgress) -> None:
+        if progress.batches % self.every == 0 or progress.batches == self.steps_per_epoch:
+            self.marks.append(self._mark(progress))
+
+    def flush(self, progress: EpochProgress | None = None) -> None:
+        """Turn the copies taken so far into rows; with ``progress`` (a stop), first one copy more at its step."""
+        if progress is not None and progress.samples > self.marks[-1][2]:
+            self.marks.append(self._mark(progress))
+        if len(self.marks) < 2:
+            return
+        sums = torch.stack([loss_sum for _, loss_sum, _ in self.marks]).tolist()  # the one wait for the device
+        for i in range(1, len(self.marks)):
+            (batches, _, samples), samples_before = self.marks[i], self.marks[i - 1][2]
+            self.rows.append(dict(epoch=self.epoch + batches / self.steps_per_epoch,
+                                  train_loss=(sums[i] - sums[i - 1]) / (samples - samples_before)))
+        self.marks = self.marks[-1:]
+
+    @staticmethod
+    def _mark(progress: EpochProgress) -> tuple[int, torch.Tensor, int]:
+        # A copy: the sum is updated in place by every step (by a CUDA graph's replay, too).
+        return progress.batches, progress.loss_sum.detach().clone(), progress.samples
 
 
 def run_repeated(cfg: TrainConfig, *, stream=None) -> dict:

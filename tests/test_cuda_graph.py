@@ -20,6 +20,7 @@ from fastcnn.engine import EpochProgress, Trainer, build_optimizer, build_schedu
 from fastcnn.fault_injection import TEST_FAULT_ENV, install_test_fault
 from fastcnn.models import build_model
 from fastcnn.steps import EagerStep, GraphedStep, GraphPolicy, graph_policy
+from fastcnn.train import StepLosses
 
 CPU = torch.device("cpu")
 
@@ -302,6 +303,26 @@ def test_the_epoch_loop_has_the_loader_gather_straight_into_the_graph_inputs():
     done = progress.to_dict()
     trainer.train_step(*next(iter(loader)))
     assert progress.to_dict() == done and progress.loss_sum is not captured.loss_sum
+
+
+def test_step_losses_of_graphed_epochs_are_the_eager_epochs():
+    # From its first step the graph keeps the epoch's running sums and adds to them in every replay: StepLosses
+    # copies whichever sums the epoch has at that step, so a graphed run draws the eager run's curve.
+    torch.manual_seed(0)
+    data = synthetic_dataset(8 * 16 + 5)
+    plain, graphed = _two_trainers(build_model("simplecnn", kernel="aten"))
+    rows = {}
+    for name, trainer in (("eager", plain), ("graphed", graphed)):
+        loader, rows[name] = DeviceLoader(data, 16, mean=0.13, std=0.31, seed=2), []
+        losses = StepLosses(rows[name], len(loader))  # 9 steps: a row after each
+        for epoch in (0, 1):
+            loader.set_epoch(epoch)
+            progress = EpochProgress.start(CPU)
+            losses.start(epoch, progress)
+            trainer.train_epoch(loader, progress=progress, on_batch=losses.after_step)
+            losses.flush()
+    assert graphed.graph_status == "captured" and graphed.step.record.replays == 2 * 8
+    assert len(rows["eager"]) == 2 * 9 and rows["graphed"] == rows["eager"]
 
 
 def test_a_nan_fault_reaches_the_sums_a_graphed_epoch_keeps_in_its_graph(monkeypatch):

@@ -118,6 +118,14 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step_and_resume_matches_an_
     for row, expected in zip(finished["history"], reference["history"], strict=True):
         for key in ("train_loss", "train_acc", "test_acc"):  # the resumed epoch's figures cover all of it
             assert row[key] == pytest.approx(expected[key], rel=1e-9), key
+    # Rank 0's curve (a row every 3rd step): the uninterrupted run's rows, and one more at the stop (step 50), after
+    # which the next row covers one step instead of three
+    stop, after_stop = 1 + 50 / 64, 1 + 51 / 64
+    rows, expected_rows = finished["step_losses"], reference["step_losses"]
+    assert [row["epoch"] for row in rows] == sorted([row["epoch"] for row in expected_rows] + [stop])
+    for row, expected in zip([row for row in rows if row["epoch"] not in (stop, after_stop)],
+                             [row for row in expected_rows if row["epoch"] != after_stop], strict=True):
+        assert row["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-9), row["epoch"]
     resumed = json.loads((cut / "summary.json").read_text())
     assert resumed["distributed"] == {"world_size": 2, "backend": "gloo", "parameters_in_sync": True}
 

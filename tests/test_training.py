@@ -10,16 +10,16 @@ import pytest
 import torch
 from helpers import Unpicklable, assert_one_line_error, run_cli
 
-from fastcnn.checkpoint import checkpoint_file, load_checkpoint
+from fastcnn.checkpoint import RunRecord, checkpoint_file, load_checkpoint
 from fastcnn.cli import main
 from fastcnn.config import TrainConfig, preset_defaults, resolve
 from fastcnn.data import DeviceLoader, TorchLoader, load_dataset
-from fastcnn.engine import Trainer
+from fastcnn.engine import EpochProgress, Trainer
 from fastcnn.errors import FastcnnError
 from fastcnn.fault_injection import TEST_FAULT_ENV
 from fastcnn.models import build_model, get_spec
 from fastcnn.run_folder import remove_run_outputs, run_outputs
-from fastcnn.train import run_training
+from fastcnn.train import StepLosses, run_training, step_loss_every
 
 
 def train_summary(args, tmp_path, capsys):
@@ -305,3 +305,98 @@ def test_the_run_layers_names_each_have_one_home():
     assert not hasattr(Trainer, "replayed_last_step") and not hasattr(Trainer, "graphed_step")
     assert fastcnn.evaluate.EVAL_BATCH_SIZE is fastcnn.build.EVAL_BATCH_SIZE
     assert fastcnn.evaluate.EVAL_FILES is fastcnn.run_folder.EVAL_FILES
+
+
+class DeviceSum:
+    """An epoch's running loss sum as the device holds it, counting what StepLosses does with it: a copy on the
+    device is allowed (``clone``), a read on the host (a sync with the device) is not."""
+
+    def __init__(self, progress):
+        self.progress, self.copied_at = progress, []
+
+    def detach(self):
+        return self
+
+    def clone(self):
+        self.copied_at.append(self.progress.batches)
+        return torch.tensor(float(self.progress.batches) * 2.0, dtype=torch.float64)  # each step: loss 2 / image
+
+    def _host_read(self, *args):
+        raise AssertionError("StepLosses read the loss sum on the host during the epoch")
+
+    __float__ = __int__ = __bool__ = item = tolist = _host_read
+
+
+def test_step_losses_copy_the_sum_every_nth_step_on_the_device_and_read_it_once_at_the_end():
+    assert [step_loss_every(steps) for steps in (1, 19, 40, 100, 999, 1000, 5000)] == [1, 1, 2, 5, 49, 50, 50]
+    rows = []
+    losses = StepLosses(rows, steps_per_epoch=103)  # every 5th step, and the 103rd
+    progress = EpochProgress(None, None)
+    progress.loss_sum = DeviceSum(progress)
+    losses.start(2, progress)
+    for _ in range(103):
+        progress.batches += 1
+        progress.samples += 1
+        losses.after_step(progress)  # between the copies, a step costs StepLosses nothing on the device
+    assert progress.loss_sum.copied_at == [0, *range(5, 101, 5), 103] and rows == []
+    losses.flush()  # the one host read: the copies' values, all at once
+    assert [row["epoch"] for row in rows] == pytest.approx([2 + b / 103 for b in (*range(5, 101, 5), 103)])
+    assert [row["train_loss"] for row in rows] == pytest.approx([2.0] * 21)
+
+
+def test_an_old_checkpoint_without_step_losses_keeps_its_epochs_as_its_curve():
+    state = dict(history=[dict(epoch=1, train_loss=0.5), dict(epoch=2, train_loss=0.25)], train_seconds=1.0,
+                 epoch=2, batch=0)
+    assert RunRecord.from_state(state).step_losses == [dict(epoch=1, train_loss=0.5), dict(epoch=2, train_loss=0.25)]
+    rows = [dict(epoch=0.5, train_loss=0.7), dict(epoch=1.0, train_loss=0.3)]
+    record = RunRecord.from_state(dict(state, step_losses=rows))
+    assert record.step_losses == rows and record.to_state()["step_losses"] == rows
+
+
+def epoch_mean(rows, first, last, samples_per_step):
+    """The sample-weighted mean of the step-loss rows between fractional epochs ``first`` (excluded) and ``last``,
+    with each row covering the steps since the row before."""
+    total = count = 0.0
+    previous = first
+    for row in rows:
+        if first < row["epoch"] <= last:
+            weight = round((row["epoch"] - previous) * 40) * samples_per_step
+            total, count, previous = total + row["train_loss"] * weight, count + weight, row["epoch"]
+    return total / count
+
+
+STEPPED_RUN = ["--dataset", "synthetic", "--synthetic-size", "1280,128", "-b", "32", "--no-progress"]  # 40 steps
+
+
+def test_a_one_epoch_run_draws_its_training_loss_step_by_step(tmp_path, monkeypatch):
+    import fastcnn.train
+
+    plotted = {}
+    real_plot = fastcnn.train.plot_curves
+    monkeypatch.setattr(fastcnn.train, "plot_curves",
+                        lambda *args, **kwargs: plotted.update(kwargs) or real_plot(*args, **kwargs))
+    folder = tmp_path / "run"
+    assert main(["train", *STEPPED_RUN, "--output", str(folder)]) == 0
+    rows = load_checkpoint(folder)["step_losses"]
+    assert [row["epoch"] for row in rows] == pytest.approx([step / 40 for step in range(2, 41, 2)])  # every 2nd
+    assert plotted["step_losses"] == rows and (folder / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    history = summary_history(folder)
+    assert epoch_mean(rows, 0, 1, 32) == pytest.approx(history[0]["train_loss"], rel=1e-9)
+
+
+def test_a_stopped_and_resumed_run_keeps_its_step_losses_and_counts_every_step_once(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "run"
+    monkeypatch.setenv(TEST_FAULT_ENV, "0:7:SIGINT")  # between two rows (every 2nd step): a row of its own
+    code, _, err = run_cli(["train", *STEPPED_RUN, "--epochs", "2", "--output", str(folder)], capsys)
+    assert code == 130, err
+    assert [row["epoch"] for row in load_checkpoint(folder)["step_losses"]] == pytest.approx([2 / 40, 4 / 40, 6 / 40,
+                                                                                             7 / 40])
+    monkeypatch.delenv(TEST_FAULT_ENV)
+    code, _, err = run_cli(["train", "--resume", str(folder), "--no-progress"], capsys)
+    assert code == 0, err
+    rows = load_checkpoint(folder)["step_losses"]
+    assert [row["epoch"] for row in rows] == pytest.approx(
+        [2 / 40, 4 / 40, 6 / 40, 7 / 40, *(step / 40 for step in range(8, 81, 2))])
+    history = summary_history(folder)
+    for epoch in (0, 1):
+        assert epoch_mean(rows, epoch, epoch + 1, 32) == pytest.approx(history[epoch]["train_loss"], rel=1e-9)
