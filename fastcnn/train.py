@@ -257,7 +257,7 @@ class TrainingRun:
             write_json(self.output / "summary.json", summary)
             plot_curves(self.output / "curves.png", self.record.history,
                         f"{self.rc.model} on {self.rc.dataset} ({self.rc.preset} preset, {self.rc.device})",
-                        step_losses=self.record.step_losses)
+                        step_losses=self.record.step_losses, evals=self.record.evals)
             print_summary(summary, self.stream)
         self.ctx.barrier()
         return summary

@@ -258,7 +258,7 @@ def test_choices_survive_a_checkpoint_and_only_on_the_same_gpu(measurable_on_cpu
 
 
 def test_rank_zero_measures_and_every_rank_takes_its_choices(measurable_on_cpu, monkeypatch):
-    # Data parallel, as train.warm_up wires it: the other ranks do not measure; the agreement (a broadcast from
+    # Data parallel, as build.pay_one_time_costs wires it: the other ranks do not measure; the agreement (a broadcast from
     # rank 0 in a real group) hands them rank 0's timings, which replace whatever the layers had chosen.
     monkeypatch.setattr(kernel_choice, "time_ms", lambda fn, device: pytest.fail("a non-zero rank measured"))
     x = torch.randn(4, 1, 8, 8)

@@ -400,3 +400,17 @@ def test_a_stopped_and_resumed_run_keeps_its_step_losses_and_counts_every_step_o
     history = summary_history(folder)
     for epoch in (0, 1):
         assert epoch_mean(rows, epoch, epoch + 1, 32) == pytest.approx(history[epoch]["train_loss"], rel=1e-9)
+
+
+def test_eval_every_points_reach_the_curves(tmp_path, monkeypatch):
+    import fastcnn.train
+
+    plotted = {}
+    real_plot = fastcnn.train.plot_curves
+    monkeypatch.setattr(fastcnn.train, "plot_curves",
+                        lambda *args, **kwargs: plotted.update(kwargs) or real_plot(*args, **kwargs))
+    folder = tmp_path / "run"
+    assert main(["train", *STEPPED_RUN, "--eval-every", "10", "--output", str(folder)]) == 0
+    evals = json.loads((folder / "summary.json").read_text())["evals"]
+    assert [round(row["epoch"], 4) for row in plotted["evals"]] == [0.25, 0.5, 0.75, 1.0]
+    assert [row["test_acc"] for row in plotted["evals"]] == [row["test_acc"] for row in evals]
