@@ -41,6 +41,12 @@ def scripted_timer(fused_wins):
     return timer
 
 
+def scripted_pair(fused_wins):
+    """``scripted_timer`` in the shape of ``kernel_choice.measure_pair`` (what choose_kernels times with by default)."""
+    timer = scripted_timer(fused_wins)
+    return lambda fused, aten, device: (timer(fused, device), timer(aten, device))
+
+
 def test_each_call_shape_gets_the_measured_winner_and_forward_uses_it(measurable_on_cpu):
     torch.manual_seed(0)
     model = TwoBlocks(channels=GRAY)
@@ -178,7 +184,7 @@ def test_compiled_forward_follows_the_choices(monkeypatch):
 
 
 def test_trainer_warm_up_measures_except_in_deterministic_mode(measurable_on_cpu, monkeypatch):
-    monkeypatch.setattr(kernel_choice, "time_ms", scripted_timer({0, 1, 2, 3}))
+    monkeypatch.setattr(kernel_choice, "measure_pair", scripted_pair({0, 1, 2, 3}))
     batches = [(torch.randn(4, 1, 8, 8), torch.randint(0, 2, (4,)))]
     for deterministic in (False, True):
         torch.manual_seed(0)
@@ -258,9 +264,9 @@ def test_choices_survive_a_checkpoint_and_only_on_the_same_gpu(measurable_on_cpu
 
 
 def test_rank_zero_measures_and_every_rank_takes_its_choices(measurable_on_cpu, monkeypatch):
-    # Data parallel, as build.pay_one_time_costs wires it: the other ranks do not measure; the agreement (a broadcast from
-    # rank 0 in a real group) hands them rank 0's timings, which replace whatever the layers had chosen.
-    monkeypatch.setattr(kernel_choice, "time_ms", lambda fn, device: pytest.fail("a non-zero rank measured"))
+    # Data parallel, as build.pay_one_time_costs wires it: the other ranks do not measure; the agreement (a
+    # broadcast from rank 0 in a real group) hands them rank 0's timings, which replace whatever the layers chose.
+    monkeypatch.setattr(kernel_choice, "measure_pair", lambda *args: pytest.fail("a non-zero rank measured"))
     x = torch.randn(4, 1, 8, 8)
     rank0 = choose_kernels(TwoBlocks(channels=GRAY), [x], timer=scripted_timer({0}))
     torch.manual_seed(0)
@@ -326,16 +332,26 @@ def test_a_resumed_run_trains_with_the_checkpoints_choices_without_measuring(mea
 
     from fastcnn.cli import main
 
-    monkeypatch.setattr(kernel_choice, "time_ms", scripted_timer(fused_wins=set()))
+    monkeypatch.setattr(kernel_choice, "measure_pair", scripted_pair(fused_wins=set()))
     out = tmp_path / "run"
     common = ["--dataset", "synthetic", "--synthetic-size", "256,64", "-b", "64", "--no-progress", "--device", "cpu"]
     assert main(["train", *common, "--epochs", "1", "--output", str(out)]) == 0
     first = json.loads((out / "summary.json").read_text())["kernel_choices"]
     assert first and {row["origin"] for row in first} == {"measured"} and {row["choice"] for row in first} == {
         "aten"}
-    monkeypatch.setattr(kernel_choice, "time_ms", lambda fn, device: pytest.fail("a resumed run measured again"))
+    monkeypatch.setattr(kernel_choice, "measure_pair", lambda *args: pytest.fail("a resumed run measured again"))
     assert main(["train", "--resume", str(out / "checkpoint.pt"), "--epochs", "2", "--no-progress"]) == 0
     resumed = json.loads((out / "summary.json").read_text())["kernel_choices"]
     assert [(row["layer"], row["call"], row["choice"]) for row in resumed] == [
         (row["layer"], row["call"], row["choice"]) for row in first]
     assert {row["origin"] for row in resumed} == {"checkpoint"}
+
+
+def test_on_a_cpu_the_two_contestants_are_timed_in_alternation(monkeypatch):
+    calls = []
+    clock = itertools.count()
+    monkeypatch.setattr(kernel_choice.time, "perf_counter", lambda: next(clock) / 1e3)  # each reading 1 ms later
+    fused_ms, aten_ms = kernel_choice.measure_pair(lambda: calls.append("f"), lambda: calls.append("a"),
+                                                   torch.device("cpu"))
+    assert "".join(calls) == "fafa" + "fa" "af" "fa" "af" "fa" "af" "fa"  # 2 warm-ups each, then rounds in turn
+    assert (fused_ms, aten_ms) == pytest.approx((1.0, 1.0))  # one tick per timed call; warm-ups not counted
