@@ -368,13 +368,19 @@ def epoch_mean(rows, first, last, samples_per_step):
 STEPPED_RUN = ["--dataset", "synthetic", "--synthetic-size", "1280,128", "-b", "32", "--no-progress"]  # 40 steps
 
 
-def test_a_one_epoch_run_draws_its_training_loss_step_by_step(tmp_path, monkeypatch):
+@pytest.fixture
+def plotted(monkeypatch):
+    """The keyword arguments the run's curves.png was drawn with (the real plot still runs)."""
     import fastcnn.train
 
-    plotted = {}
+    kwargs_seen = {}
     real_plot = fastcnn.train.plot_curves
     monkeypatch.setattr(fastcnn.train, "plot_curves",
-                        lambda *args, **kwargs: plotted.update(kwargs) or real_plot(*args, **kwargs))
+                        lambda *args, **kwargs: kwargs_seen.update(kwargs) or real_plot(*args, **kwargs))
+    return kwargs_seen
+
+
+def test_a_one_epoch_run_draws_its_training_loss_step_by_step(tmp_path, plotted):
     folder = tmp_path / "run"
     assert main(["train", *STEPPED_RUN, "--output", str(folder)]) == 0
     rows = load_checkpoint(folder)["step_losses"]
@@ -402,13 +408,7 @@ def test_a_stopped_and_resumed_run_keeps_its_step_losses_and_counts_every_step_o
         assert epoch_mean(rows, epoch, epoch + 1, 32) == pytest.approx(history[epoch]["train_loss"], rel=1e-9)
 
 
-def test_eval_every_points_reach_the_curves(tmp_path, monkeypatch):
-    import fastcnn.train
-
-    plotted = {}
-    real_plot = fastcnn.train.plot_curves
-    monkeypatch.setattr(fastcnn.train, "plot_curves",
-                        lambda *args, **kwargs: plotted.update(kwargs) or real_plot(*args, **kwargs))
+def test_eval_every_points_reach_the_curves(tmp_path, plotted):
     folder = tmp_path / "run"
     assert main(["train", *STEPPED_RUN, "--eval-every", "10", "--output", str(folder)]) == 0
     evals = json.loads((folder / "summary.json").read_text())["evals"]
