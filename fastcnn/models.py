@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastcnn.errors import UsageError
-from fastcnn.nn import ConvReLUPool2d
+from fastcnn.nn import ConvReLUPool2d, linear_on_flattened
 from fastcnn.reference import LENET_BLOCKS, SIMPLECNN_BLOCKS
 from fastcnn.reference import Network as TutorialNetwork
 from fastcnn.reference import SimpleCNN as TutorialSimpleCNN
@@ -41,8 +41,7 @@ class SimpleCNN(nn.Module):
         self.fc1 = nn.Linear(32 * height * width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # flatten(1) copies channels-last activations into NCHW order, which fc1's weights expect.
-        return self.fc1(self.conv1(x).flatten(1))
+        return linear_on_flattened(self.conv1(x), self.fc1)
 
 
 class LeNet(nn.Module):
@@ -60,8 +59,8 @@ class LeNet(nn.Module):
         self.out = nn.Linear(60, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv2(self.conv1(x)).flatten(1)
-        return self.out(F.relu(self.fc2(F.relu(self.fc1(x)))))
+        x = linear_on_flattened(self.conv2(self.conv1(x)), self.fc1)
+        return self.out(F.relu(self.fc2(F.relu(x))))
 
 
 @dataclass(frozen=True)
@@ -164,7 +163,7 @@ class FastNet(nn.Module):
         self.fc2 = nn.Linear(hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.relu(self.fc1(self.conv2(self.conv1(x)).flatten(1))))
+        return self.fc2(F.relu(linear_on_flattened(self.conv2(self.conv1(x)), self.fc1)))
 
 
 class PublicMNISTNet(nn.Module):
@@ -224,7 +223,7 @@ class CifarNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.bn3(self.conv3(self.bn2(self.conv2(self.bn1(self.conv1(x))))))
-        return self.fc(x.flatten(1))
+        return linear_on_flattened(x, self.fc)
 
 
 class CifarNetReference(nn.Module):

@@ -1,17 +1,20 @@
 """Drop-in modules: ``ConvReLUPool2d`` is an ``nn.Conv2d`` (same parameters, same state_dict) whose forward
-is the fused Conv2d -> ReLU -> MaxPool2d(2, 2)."""
+is the fused Conv2d -> ReLU -> MaxPool2d(2, 2); ``linear_on_flattened`` is ``linear(features.flatten(1))`` without
+the copy that flatten makes of channels-last features."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastcnn.kernel_choice import CallKey, ChoosableLayer, resolve_kernel
 from fastcnn.kernels.contract import CONV_CONTRACT, conv_problem
+from fastcnn.kernels.layout import is_channels_last
 from fastcnn.ops import conv_relu_pool, conv_relu_pool_aten
 from fastcnn.vocabulary import canonical_kernel
 
-__all__ = ["ConvReLUPool2d", "fusion_problem", "resolve_kernel"]
+__all__ = ["ConvReLUPool2d", "fusion_problem", "linear_on_flattened", "resolve_kernel"]
 
 
 def fusion_problem(conv: nn.Conv2d) -> str | None:
@@ -61,3 +64,19 @@ class ConvReLUPool2d(nn.Conv2d, ChoosableLayer):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", kernel={self.kernel!r}"
+
+
+def linear_on_flattened(features: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """``linear(features.flatten(1))`` for (N, C, H, W) ``features``, with ``linear``'s weights as they are.
+
+    ``flatten(1)`` orders the features (c, h, w), as the weights expect; on channels-last features, which are laid
+    out (h, w, c), that takes a copy of the whole activation (and its gradient comes back in the other order). Here
+    such features are flattened in their own order, a view, and the weight's columns are put in that order instead:
+    a copy of the weight, which is 1/N the size. Same result up to the order of the sums; the state_dict is unchanged.
+    ``linear``'s forward hooks do not run on that route.
+    """
+    n, c, h, w = features.shape
+    if c == 1 or h * w == 1 or not is_channels_last(features):
+        return linear(features.flatten(1))
+    weight = linear.weight.view(linear.out_features, c, h, w).permute(0, 2, 3, 1).reshape(linear.out_features, -1)
+    return F.linear(features.permute(0, 2, 3, 1).reshape(n, -1), weight, linear.bias)
