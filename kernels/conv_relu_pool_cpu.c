@@ -28,6 +28,9 @@
  */
 
 #include <math.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -89,11 +92,6 @@ static inline void store_from_f32(void *p, int64_t i, float v, int dtype) {
 /* Lane-wise helpers. Comparisons of float vectors give 0 / -1 integer lanes; casts between vector types of one
  * size reinterpret the bits. */
 static inline v16 select16(vi16 mask, v16 a, v16 b) { return (v16)(((vi16)a & mask) | ((vi16)b & ~mask)); }
-
-static inline v16 relu16(v16 v) { /* clamp_min(v, 0): keeps NaN, maps everything <= 0 to 0 */
-    const v16 zero = {0};
-    return select16(v <= zero, zero, v);
-}
 
 /* The value the output dtype holds for an fp32 result (what PyTorch's chain compares): f32_to_bf16 and back. */
 static inline v16 rounded16(v16 v, int dtype) {
@@ -166,6 +164,113 @@ const char *fastcnn_cpu_isa(void) {
 
 /* ------------------------------------------------------------------------------------------------- forward */
 
+/* The epilogue of one pooled element (image n, pooled row ph and column pw) for the output channels of block b
+ * (`valid` of them): the max over the window's four pre-activations acc[0..3] (dy * 2 + dx order), ReLU, the
+ * stores of the pooled value and the code.
+ *
+ * PyTorch's chain takes ReLU first, then the first maximum in row-major order (NaN wins: a position replaces the
+ * best when `v > best || isnan(v)`), on values rounded to the output dtype. Taking the maximum of the rounded
+ * pre-activations first and ReLU once after gives the same value and the same code: where the maximum is > 0 (or
+ * NaN) the same positions win, and where it is <= 0 every ReLU output is 0, so the first position wins, which is
+ * code 0 with the pass bit clear (threshold_backward passes no gradient where the output is <= 0). */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+static inline __m512 rounded512(__m512 v, int dtype) { /* rounded16 with mask registers */
+    if (dtype != DTYPE_BF16) return v;
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_and_si512(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb),
+                                       _mm512_set1_epi32((int)0xFFFF0000u));
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    return _mm512_mask_blend_ps(nan, _mm512_castsi512_ps(r), _mm512_castsi512_ps(_mm512_set1_epi32(0x7FC00000)));
+}
+
+static inline __attribute__((always_inline)) void pool_and_store(const v16 *acc, void *out, const int64_t *os,
+                                                                 uint8_t *code, const int64_t *cs, int64_t n,
+                                                                 int64_t ph, int64_t pw, int64_t b, int64_t valid,
+                                                                 int dtype) {
+    __m512 best = rounded512((__m512)acc[0], dtype);
+    __m512i idx = _mm512_setzero_si512();
+#pragma GCC unroll 4
+    for (int d = 1; d < 4; d++) {
+        const __m512 cand = rounded512((__m512)acc[d], dtype);
+        const __mmask16 upd = _mm512_cmp_ps_mask(cand, best, _CMP_GT_OQ) | _mm512_cmp_ps_mask(cand, cand, _CMP_UNORD_Q);
+        best = _mm512_mask_mov_ps(best, upd, cand);
+        idx = _mm512_mask_mov_epi32(idx, upd, _mm512_set1_epi32(d));
+    }
+    /* ReLU and the pass bit: not <= 0 (so NaN passes, as it does through threshold_backward) */
+    const __mmask16 pass = _mm512_cmp_ps_mask(best, _mm512_setzero_ps(), _CMP_NLE_UQ);
+    best = _mm512_maskz_mov_ps(pass, best);
+    const __m512i codes = _mm512_maskz_or_epi32(pass, idx, _mm512_set1_epi32(4));
+    const __mmask16 lanes = (__mmask16)((1u << valid) - 1u);
+    const int64_t o = n * os[0] + b * CO_BLOCK * os[1] + ph * os[2] + pw * os[3];
+    const int64_t q = n * cs[0] + b * CO_BLOCK * cs[1] + ph * cs[2] + pw * cs[3];
+    /* best is already rounded to the output dtype: bf16 is its top half, exactly. */
+    const __m256i half = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(best), 16));
+    const __m128i bytes = _mm512_cvtepi32_epi8(codes);
+    if (os[1] == 1) { /* channels-last: one (masked) vector store */
+        if (dtype == DTYPE_BF16)
+            _mm256_mask_storeu_epi16((uint16_t *)out + o, lanes, half);
+        else
+            _mm512_mask_storeu_ps((float *)out + o, lanes, best);
+    } else {
+        uint16_t half_l[CO_BLOCK];
+        float best_l[CO_BLOCK];
+        _mm256_storeu_si256((__m256i *)half_l, half);
+        _mm512_storeu_ps(best_l, best);
+        if (dtype == DTYPE_BF16)
+            for (int64_t c = 0; c < valid; c++) ((uint16_t *)out)[o + c * os[1]] = half_l[c];
+        else
+            for (int64_t c = 0; c < valid; c++) ((float *)out)[o + c * os[1]] = best_l[c];
+    }
+    if (cs[1] == 1) {
+        _mm_mask_storeu_epi8(code + q, lanes, bytes);
+    } else {
+        uint8_t code_l[16];
+        _mm_storeu_si128((__m128i *)code_l, bytes);
+        for (int64_t c = 0; c < valid; c++) code[q + c * cs[1]] = code_l[c];
+    }
+}
+#else
+static inline __attribute__((always_inline)) void pool_and_store(const v16 *acc, void *out, const int64_t *os,
+                                                                 uint8_t *code, const int64_t *cs, int64_t n,
+                                                                 int64_t ph, int64_t pw, int64_t b, int64_t valid,
+                                                                 int dtype) {
+    const v16 zero = {0};
+    v16 best = rounded16(acc[0], dtype);
+    vi16 idx = {0};
+    for (int d = 1; d < 4; d++) {
+        const v16 cand = rounded16(acc[d], dtype);
+        const vi16 upd = (cand > best) | (cand != cand);
+        best = select16(upd, cand, best);
+        idx = (upd & d) | (idx & ~upd);
+    }
+    const vi16 pass = ~(best <= zero);
+    best = select16(pass, best, zero);
+    const vi16 codes = pass & (idx | 4);
+    uint32_t best_l[CO_BLOCK];
+    int32_t code_l[CO_BLOCK];
+    /* best is already rounded to the output dtype: bf16 is its top half, exactly. */
+    const vu16 bits = dtype == DTYPE_BF16 ? (vu16)best >> 16 : (vu16)best;
+    const int64_t o = n * os[0] + b * CO_BLOCK * os[1] + ph * os[2] + pw * os[3];
+    const int64_t q = n * cs[0] + b * CO_BLOCK * cs[1] + ph * cs[2] + pw * cs[3];
+    if (valid == CO_BLOCK && os[1] == 1 && cs[1] == 1) { /* channels-last: whole-vector stores */
+        if (dtype == DTYPE_BF16)
+            *(vh16u *)((uint16_t *)out + o) = __builtin_convertvector(bits, vh16u);
+        else
+            *(v16u *)((float *)out + o) = best;
+        *(vb16u *)(code + q) = __builtin_convertvector(codes, vb16u);
+        return;
+    }
+    memcpy(best_l, &bits, sizeof best_l);
+    memcpy(code_l, &codes, sizeof code_l);
+    if (dtype == DTYPE_BF16)
+        for (int64_t c = 0; c < valid; c++) ((uint16_t *)out)[o + c * os[1]] = (uint16_t)best_l[c];
+    else
+        for (int64_t c = 0; c < valid; c++) ((uint32_t *)out)[o + c * os[1]] = best_l[c];
+    for (int64_t c = 0; c < valid; c++) code[q + c * cs[1]] = (uint8_t)code_l[c];
+}
+#endif
+
 /* Pooled columns pw .. pw + cols - 1 of pooled row ph, output channels b * CO_BLOCK ..: four accumulators (the
  * window positions) per column, sharing each weight vector across the columns. cols is a constant at each call
  * site, so the accumulators live in registers. */
@@ -194,42 +299,9 @@ static inline __attribute__((always_inline)) void forward_columns(
         }
     }
     const int64_t valid = c_out - b * CO_BLOCK < CO_BLOCK ? c_out - b * CO_BLOCK : CO_BLOCK;
-    const v16 zero = {0};
 #pragma GCC unroll 8
-    for (int j = 0; j < cols; j++) {
-        /* ReLU, then the first maximum in row-major order (NaN wins: `v > best || isnan(v)`), on values rounded
-         * to the output dtype; threshold_backward's rule for the pass bit. */
-        v16 best = relu16(rounded16(acc[j][0], dtype));
-        vi16 idx = {0};
-        for (int d = 1; d < 4; d++) {
-            const v16 cand = relu16(rounded16(acc[j][d], dtype));
-            const vi16 upd = (cand > best) | (cand != cand);
-            best = select16(upd, cand, best);
-            idx = (upd & d) | (idx & ~upd);
-        }
-        const vi16 codes = idx + (~(best <= zero) & 4);
-        uint32_t best_l[CO_BLOCK];
-        int32_t code_l[CO_BLOCK];
-        /* best is already rounded to the output dtype: bf16 is its top half, exactly. */
-        const vu16 bits = dtype == DTYPE_BF16 ? (vu16)best >> 16 : (vu16)best;
-        const int64_t o = n * os[0] + b * CO_BLOCK * os[1] + ph * os[2] + (pw + j) * os[3];
-        const int64_t q = n * cs[0] + b * CO_BLOCK * cs[1] + ph * cs[2] + (pw + j) * cs[3];
-        if (valid == CO_BLOCK && os[1] == 1 && cs[1] == 1) { /* channels-last: whole-vector stores */
-            if (dtype == DTYPE_BF16)
-                *(vh16u *)((uint16_t *)out + o) = __builtin_convertvector(bits, vh16u);
-            else
-                *(v16u *)((float *)out + o) = best;
-            *(vb16u *)(code + q) = __builtin_convertvector(codes, vb16u);
-            continue;
-        }
-        memcpy(best_l, &bits, sizeof best_l);
-        memcpy(code_l, &codes, sizeof code_l);
-        if (dtype == DTYPE_BF16)
-            for (int64_t c = 0; c < valid; c++) ((uint16_t *)out)[o + c * os[1]] = (uint16_t)best_l[c];
-        else
-            for (int64_t c = 0; c < valid; c++) ((uint32_t *)out)[o + c * os[1]] = best_l[c];
-        for (int64_t c = 0; c < valid; c++) code[q + c * cs[1]] = (uint8_t)code_l[c];
-    }
+    for (int j = 0; j < cols; j++)
+        pool_and_store(acc[j], out, os, code, cs, n, ph, pw + j, b, valid, dtype);
 }
 
 int fastcnn_cpu_forward(const void *x, const int64_t *xs, const void *weight, const int64_t *ws, const void *bias,
