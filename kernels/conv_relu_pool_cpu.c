@@ -360,19 +360,97 @@ int fastcnn_cpu_forward(const void *x, const int64_t *xs, const void *weight, co
  * summed over the window positions d = (dy, dx), where g_d[co] is grad_pooled where the code says position d won
  * and ReLU passes, else 0. Each thread sums its static share of (n, ph) rows into its own fp32 partials; the
  * partials are added in thread order. */
+/* g_d for one pooled element and the output channels of one block (`valid` of them): grad_pooled where the code
+ * says window position d won and ReLU passes, else 0, for d = 0..3 into gd[0..3]; their sum (grad_pooled where
+ * ReLU passes) added to the bias partials. Returns whether any channel passes. The code and the gradient are read
+ * apart, each with vector loads where its channels are contiguous (channels-last) and lane by lane elsewhere. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+static inline __attribute__((always_inline)) int window_grads(const void *grad, int64_t o, const int64_t *gs,
+                                                              const uint8_t *code, int64_t q, const int64_t *cs,
+                                                              int64_t valid, int dtype, v16 *gd, float *bias_acc) {
+    const __mmask16 lanes = (__mmask16)((1u << valid) - 1u);
+    __m128i cd;
+    if (cs[1] == 1) {
+        cd = _mm_maskz_loadu_epi8(lanes, code + q);
+    } else {
+        uint8_t code_l[16] = {0};
+        for (int64_t c = 0; c < valid; c++) code_l[c] = code[q + c * cs[1]];
+        cd = _mm_loadu_si128((const __m128i *)code_l);
+    }
+    /* A lane passes a gradient to position d exactly when its code is 4 + d. */
+    const __mmask16 pass = _mm_test_epi8_mask(cd, _mm_set1_epi8(4));
+    if (!pass) return 0;
+    __m512 g;
+    if (gs[1] == 1) {
+        if (dtype == DTYPE_BF16)
+            g = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, (const uint16_t *)grad + o)), 16));
+        else
+            g = _mm512_maskz_loadu_ps(lanes, (const float *)grad + o);
+    } else {
+        float g_l[CO_BLOCK] = {0};
+        for (int64_t c = 0; c < valid; c++) g_l[c] = load_as_f32(grad, o + c * gs[1], dtype);
+        g = _mm512_loadu_ps(g_l);
+    }
+#pragma GCC unroll 4
+    for (int d = 0; d < 4; d++)
+        gd[d] = (v16)_mm512_maskz_mov_ps(_mm_cmpeq_epi8_mask(cd, _mm_set1_epi8((char)(4 + d))), g);
+    _mm512_storeu_ps(bias_acc, _mm512_mask_add_ps(_mm512_loadu_ps(bias_acc), pass, _mm512_loadu_ps(bias_acc), g));
+    return 1;
+}
+#else
+static inline __attribute__((always_inline)) int window_grads(const void *grad, int64_t o, const int64_t *gs,
+                                                              const uint8_t *code, int64_t q, const int64_t *cs,
+                                                              int64_t valid, int dtype, v16 *gd, float *bias_acc) {
+    vi16 cd;
+    v16 g;
+    if (valid == CO_BLOCK && cs[1] == 1) {
+        cd = __builtin_convertvector(*(const vb16u *)(code + q), vi16);
+    } else {
+        int32_t code_l[CO_BLOCK] = {0};
+        for (int64_t c = 0; c < valid; c++) code_l[c] = code[q + c * cs[1]];
+        memcpy(&cd, code_l, sizeof cd);
+    }
+    if (valid == CO_BLOCK && gs[1] == 1) {
+        if (dtype == DTYPE_BF16)
+            g = (v16)(__builtin_convertvector(*(const vh16u *)((const uint16_t *)grad + o), vu16) << 16);
+        else
+            g = *(const v16u *)((const float *)grad + o);
+    } else {
+        float g_l[CO_BLOCK] = {0};
+        for (int64_t c = 0; c < valid; c++) g_l[c] = load_as_f32(grad, o + c * gs[1], dtype);
+        memcpy(&g, g_l, sizeof g);
+    }
+    uint64_t pass_bits[2];
+    const vb16u pass_bytes = __builtin_convertvector(cd & 4, vb16u);
+    memcpy(pass_bits, &pass_bytes, sizeof pass_bits);
+    if (!(pass_bits[0] | pass_bits[1])) return 0;
+    const v16 zero = {0};
+    const vi16 pass = (cd & 4) != 0, win = cd & 3;
+    gd[0] = select16(pass & (win == 0), g, zero);
+    gd[1] = select16(pass & (win == 1), g, zero);
+    gd[2] = select16(pass & (win == 2), g, zero);
+    gd[3] = select16(pass & (win == 3), g, zero);
+    *(v16u *)bias_acc += (gd[0] + gd[1]) + (gd[2] + gd[3]);
+    return 1;
+}
+#endif
+
 /* grad_w for `used` taps (of a block of `taps`, a constant at each call site, so the accumulators live in
  * registers) of one channel block: the sum over the row's live columns of the four window positions' inputs times
  * their g_d, added to the partial sums once. Taps past `used` compute on tap 0's input and are dropped. */
 static inline __attribute__((always_inline)) void weight_grad_taps(
     const int taps, const int64_t used, const float *tile, const int64_t *tap_offset, const v16 *gbuf,
     const int64_t *columns, int64_t live, int64_t tw, float *acc_out, int64_t co_pad) {
-    v16 acc[12]; /* the largest block size any call site passes */
+    v16 acc[12], acc2[12]; /* the largest block size any call site passes */
     int64_t off[12];
 #pragma GCC unroll 16
     for (int t = 0; t < taps; t++) {
-        acc[t] = (v16){0};
+        acc[t] = acc2[t] = (v16){0};
         off[t] = t < used ? tap_offset[t] : 0;
     }
+    /* Two sums per tap (the window's top and bottom row), each a chain of fused multiply-adds: four FMAs per
+     * tap and column, and chains short enough for the FMA units' latency. */
     for (int64_t i = 0; i < live; i++) {
         const v16 *gd = gbuf + 4 * i;
         const v16 g00 = gd[0], g01 = gd[1], g10 = gd[2], g11 = gd[3];
@@ -380,10 +458,13 @@ static inline __attribute__((always_inline)) void weight_grad_taps(
 #pragma GCC unroll 16
         for (int t = 0; t < taps; t++) {
             const float *r0 = base + off[t], *r1 = r0 + tw;
-            acc[t] += (r0[0] * g00 + r0[1] * g01) + (r1[0] * g10 + r1[1] * g11);
+            acc[t] += r0[0] * g00;
+            acc2[t] += r1[0] * g10;
+            acc[t] += r0[1] * g01;
+            acc2[t] += r1[1] * g11;
         }
     }
-    for (int t = 0; t < taps && t < used; t++) *(v16u *)(acc_out + t * co_pad) += acc[t];
+    for (int t = 0; t < taps && t < used; t++) *(v16u *)(acc_out + t * co_pad) += acc[t] + acc2[t];
 }
 
 int fastcnn_cpu_backward_weight(const void *grad, const int64_t *gs, const uint8_t *code, const int64_t *cs,
@@ -433,42 +514,10 @@ int fastcnn_cpu_backward_weight(const void *grad, const int64_t *gs, const uint8
                     for (int64_t pw = 0; pw < wp; pw++) {
                         const int64_t q = n * cs[0] + b * CO_BLOCK * cs[1] + ph * cs[2] + pw * cs[3];
                         const int64_t o = n * gs[0] + b * CO_BLOCK * gs[1] + ph * gs[2] + pw * gs[3];
-                        vi16 cd;
-                        v16 g;
-                        /* Vector loads where the channels are contiguous (channels-last), lane by lane elsewhere:
-                         * the code and the gradient apart, since a flatten's backward hands the gradient over
-                         * in NCHW while the code is channels-last. */
-                        if (valid == CO_BLOCK && cs[1] == 1) {
-                            cd = __builtin_convertvector(*(const vb16u *)(code + q), vi16);
-                        } else {
-                            int32_t code_l[CO_BLOCK] = {0};
-                            for (int64_t c = 0; c < valid; c++) code_l[c] = code[q + c * cs[1]];
-                            memcpy(&cd, code_l, sizeof cd);
-                        }
-                        if (valid == CO_BLOCK && gs[1] == 1) {
-                            if (dtype == DTYPE_BF16)
-                                g = (v16)(__builtin_convertvector(*(const vh16u *)((const uint16_t *)grad + o), vu16)
-                                          << 16);
-                            else
-                                g = *(const v16u *)((const float *)grad + o);
-                        } else {
-                            float g_l[CO_BLOCK] = {0};
-                            for (int64_t c = 0; c < valid; c++) g_l[c] = load_as_f32(grad, o + c * gs[1], dtype);
-                            memcpy(&g, g_l, sizeof g);
-                        }
-                        uint64_t pass_bits[2];
-                        const vb16u pass_bytes = __builtin_convertvector(cd & 4, vb16u);
-                        memcpy(pass_bits, &pass_bytes, sizeof pass_bits);
-                        if (!(pass_bits[0] | pass_bits[1])) continue; /* no channel passes a gradient here */
-                        const v16 zero = {0};
-                        const vi16 pass = (cd & 4) != 0, win = cd & 3;
                         v16 *gd = gbuf + 4 * live;
-                        gd[0] = select16(pass & (win == 0), g, zero);
-                        gd[1] = select16(pass & (win == 1), g, zero);
-                        gd[2] = select16(pass & (win == 2), g, zero);
-                        gd[3] = select16(pass & (win == 3), g, zero);
+                        if (!window_grads(grad, o, gs, code, q, cs, valid, dtype, gd, gb + b * CO_BLOCK))
+                            continue; /* no channel passes a gradient here */
                         columns[live++] = 2 * pw;
-                        *(v16u *)(gb + b * CO_BLOCK) += (gd[0] + gd[1]) + (gd[2] + gd[3]);
                     }
                     if (live == 0) continue;
                     /* TAP_BLOCK taps at a time, summed over the row's columns in registers, then added once. */
