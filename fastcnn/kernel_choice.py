@@ -217,7 +217,9 @@ def _contestants(module: nn.Conv2d, key: CallKey, device: torch.device, compile:
     fmt = torch.channels_last if key.channels_last else torch.contiguous_format
     generator = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(key.shape, generator=generator).to(device=device, dtype=_input_dtype(module, key))
-    x = x.contiguous(memory_format=fmt).requires_grad_(key.input_grad)
+    # .to, not .contiguous: on one channel, contiguous(memory_format=channels_last) keeps NCHW strides (they
+    # qualify for both), so the contest would time the layout the call does not have.
+    x = x.to(memory_format=fmt).requires_grad_(key.input_grad)
     weight = module.weight.detach().clone().requires_grad_(key.training)
     bias = None if module.bias is None else module.bias.detach().clone().requires_grad_(key.training)
     padding = module.padding[0]

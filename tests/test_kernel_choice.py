@@ -355,3 +355,26 @@ def test_on_a_cpu_the_two_contestants_are_timed_in_alternation(monkeypatch):
                                                    torch.device("cpu"))
     assert "".join(calls) == "fafa" + "fa" "af" "fa" "af" "fa" "af" "fa"  # 2 warm-ups each, then rounds in turn
     assert (fused_ms, aten_ms) == pytest.approx((1.0, 1.0))  # one tick per timed call; warm-ups not counted
+
+
+@pytest.mark.parametrize("strides,channels_last", [((64, 1, 8, 1), True), ((64, 64, 8, 1), False)],
+                         ids=["channels-last", "nchw"])
+def test_the_contest_times_the_layout_the_call_has(monkeypatch, strides, channels_last):
+    # One channel: both stride patterns are valid for both layouts, and contiguous(memory_format=channels_last)
+    # would keep the NCHW ones, so the contest would time a layout (and a kernel path) the call does not have.
+    seen = []
+
+    def spy(name, op):
+        def run(x, weight, bias, padding):
+            seen.append((name, x.stride()))
+            return op(x, weight, bias, padding)
+        return run
+
+    monkeypatch.setattr(kernel_choice, "CANDIDATES",
+                        {name: spy(name, op) for name, op in kernel_choice.CANDIDATES.items()})
+    monkeypatch.setattr(kernel_choice, "fused_is_an_option", lambda device: True)
+    model = TwoBlocks(channels=GRAY)
+    x = torch.empty_strided((2, 1, 8, 8), strides).normal_()
+    choose_kernels(model, [x], timer=scripted_timer({0, 1}))
+    first_layer = {stride for name, stride in seen if len(stride) == 4 and stride[0] == 64}
+    assert first_layer == {strides}, seen
