@@ -36,9 +36,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define FASTCNN_CPU_ABI 1
+#define FASTCNN_CPU_ABI 2
 
 enum { DTYPE_F32 = 0, DTYPE_BF16 = 1 };
+/* options: bit 0 lets bf16 calls use AVX512-BF16 dot products where the CPU has them (the caller clears it to run
+ * the fp32-FMA path, e.g. to test it on such a CPU) */
+enum { OPTION_DOT_BF16 = 1 };
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
@@ -307,7 +310,8 @@ static inline __attribute__((always_inline)) void forward_columns(
 int fastcnn_cpu_forward(const void *x, const int64_t *xs, const void *weight, const int64_t *ws, const void *bias,
                         void *out, const int64_t *os, uint8_t *code, const int64_t *cs, int64_t n_batch,
                         int64_t c_in, int64_t h, int64_t w, int64_t c_out, int64_t k, int64_t pad, int dtype,
-                        int threads) {
+                        int threads, int options) {
+    (void)options; /* no option changes the forward yet */
     const int64_t hp = (h + 2 * pad - k + 1) / 2, wp = (w + 2 * pad - k + 1) / 2;
     if (n_batch <= 0 || hp <= 0 || wp <= 0) return 0;
     const int64_t co_pad = round_up(c_out, CO_BLOCK), blocks = co_pad / CO_BLOCK;
@@ -467,13 +471,169 @@ static inline __attribute__((always_inline)) void weight_grad_taps(
     for (int t = 0; t < taps && t < used; t++) *(v16u *)(acc_out + t * co_pad) += acc[t] + acc2[t];
 }
 
+/* ---- grad_weight with AVX512-BF16 dot products (bf16 data on a CPU that has them) ----
+ * vdpbf16ps multiplies pairs of bf16 values and adds both products to an fp32 lane. The pairs here are the two
+ * columns of a window row: the inputs x[.., c + kx] and x[.., c + kx + 1] are neighbours in a bf16 copy of the
+ * rows (one 32-bit load), and the window positions dx = 0 and dx = 1 of their gradient make the other pair. So a
+ * tap takes two instructions per column instead of four FMAs, on the same exact products (a bf16 times a bf16 is
+ * exact in fp32), summed in another order. The instruction treats bf16 subnormals as zero. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__GNUC__) && __GNUC__ >= 10
+#define HAVE_DOT_BF16 1
+#pragma GCC push_options
+#pragma GCC target("avx512bf16")
+
+/* grad_pooled of one pooled element as the two pairs (dx = 0, dx = 1) of each window row: pairs[0] for dy = 0,
+ * pairs[1] for dy = 1, each lane (output channel) a bf16 pair; zero where the code says another position won or
+ * ReLU passes nothing. Adds grad_pooled where ReLU passes to the bias partials; returns whether any lane passes. */
+static inline __attribute__((always_inline)) int window_grad_pairs(const uint16_t *grad, int64_t o,
+                                                                   const int64_t *gs, const uint8_t *code, int64_t q,
+                                                                   const int64_t *cs, int64_t valid, __m512i *pairs,
+                                                                   float *bias_acc) {
+    const __mmask16 lanes = (__mmask16)((1u << valid) - 1u);
+    __m128i cd;
+    __m512i g;
+    if (cs[1] == 1) {
+        cd = _mm_maskz_loadu_epi8(lanes, code + q);
+    } else {
+        uint8_t code_l[16] = {0};
+        for (int64_t c = 0; c < valid; c++) code_l[c] = code[q + c * cs[1]];
+        cd = _mm_loadu_si128((const __m128i *)code_l);
+    }
+    const __mmask16 pass = _mm_test_epi8_mask(cd, _mm_set1_epi8(4));
+    if (!pass) return 0;
+    if (gs[1] == 1) {
+        g = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, grad + o));
+    } else {
+        uint16_t g_l[16] = {0};
+        for (int64_t c = 0; c < valid; c++) g_l[c] = grad[o + c * gs[1]];
+        g = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)g_l));
+    }
+    const __m512i high = _mm512_slli_epi32(g, 16); /* also grad_pooled as fp32 */
+#pragma GCC unroll 2
+    for (int dy = 0; dy < 2; dy++) {
+        const __mmask16 left = _mm_cmpeq_epi8_mask(cd, _mm_set1_epi8((char)(4 + 2 * dy)));
+        const __mmask16 right = _mm_cmpeq_epi8_mask(cd, _mm_set1_epi8((char)(5 + 2 * dy)));
+        pairs[dy] = _mm512_or_si512(_mm512_maskz_mov_epi32(left, g), _mm512_maskz_mov_epi32(right, high));
+    }
+    const __m512 sum = _mm512_loadu_ps(bias_acc);
+    _mm512_storeu_ps(bias_acc, _mm512_mask_add_ps(sum, pass, sum, _mm512_castsi512_ps(high)));
+    return 1;
+}
+
+static inline __attribute__((always_inline)) __m512bh pair_at(const uint16_t *p) {
+    uint32_t v;
+    memcpy(&v, p, sizeof v);
+    return (__m512bh)_mm512_set1_epi32((int)v);
+}
+
+/* weight_grad_taps on bf16 pairs: `used` taps of a block of `taps` (a constant at each call site). */
+static inline __attribute__((always_inline)) void weight_grad_taps_dot(
+    const int taps, const int64_t used, const uint16_t *tile, const int64_t *tap_offset, const __m512i *pairs,
+    const int64_t *columns, int64_t live, int64_t tw, float *acc_out, int64_t co_pad) {
+    __m512 acc[12], acc2[12];
+    int64_t off[12];
+#pragma GCC unroll 16
+    for (int t = 0; t < taps; t++) {
+        acc[t] = acc2[t] = _mm512_setzero_ps();
+        off[t] = t < used ? tap_offset[t] : 0;
+    }
+    for (int64_t i = 0; i < live; i++) {
+        const __m512bh top = (__m512bh)pairs[2 * i], bottom = (__m512bh)pairs[2 * i + 1];
+        const uint16_t *base = tile + columns[i];
+#pragma GCC unroll 16
+        for (int t = 0; t < taps; t++) {
+            acc[t] = _mm512_dpbf16_ps(acc[t], top, pair_at(base + off[t]));
+            acc2[t] = _mm512_dpbf16_ps(acc2[t], bottom, pair_at(base + off[t] + tw));
+        }
+    }
+    for (int t = 0; t < taps && t < used; t++)
+        _mm512_storeu_ps(acc_out + t * co_pad,
+                         _mm512_add_ps(_mm512_loadu_ps(acc_out + t * co_pad), _mm512_add_ps(acc[t], acc2[t])));
+}
+
+/* One pooled row's contribution to grad_weight and grad_bias for channel block b, on bf16 data: the rows of x as
+ * bf16 (tile: c_in * rows rows of tw values, zero padding explicit), the gradient pairs of every live column, then
+ * the taps. */
+static __attribute__((noinline)) void weight_grad_row_dot(
+    const uint16_t *grad, const int64_t *gs, const uint8_t *code, const int64_t *cs, const uint16_t *tile,
+    const int64_t *tap_offset, __m512i *pairs, int64_t *columns, int64_t n, int64_t ph, int64_t wp, int64_t b,
+    int64_t c_out, int64_t taps, int64_t tw, float *gw, float *gb, int64_t co_pad) {
+    int64_t live = 0;
+    const int64_t valid = c_out - b * CO_BLOCK < CO_BLOCK ? c_out - b * CO_BLOCK : CO_BLOCK;
+    for (int64_t pw = 0; pw < wp; pw++) {
+        const int64_t q = n * cs[0] + b * CO_BLOCK * cs[1] + ph * cs[2] + pw * cs[3];
+        const int64_t o = n * gs[0] + b * CO_BLOCK * gs[1] + ph * gs[2] + pw * gs[3];
+        if (window_grad_pairs(grad, o, gs, code, q, cs, valid, pairs + 2 * live, gb + b * CO_BLOCK))
+            columns[live++] = 2 * pw;
+    }
+    if (live == 0) return;
+    float *acc_b = gw + b * CO_BLOCK;
+    int64_t t0 = 0;
+    for (; t0 + TAP_BLOCK <= taps; t0 += TAP_BLOCK)
+        weight_grad_taps_dot(TAP_BLOCK, TAP_BLOCK, tile, tap_offset + t0, pairs, columns, live, tw,
+                             acc_b + t0 * co_pad, co_pad);
+    const int64_t rest = taps - t0;
+#define TAIL(size)                                                                                              \
+    weight_grad_taps_dot(size, rest, tile, tap_offset + t0, pairs, columns, live, tw, acc_b + t0 * co_pad, co_pad)
+    if (rest > 9) TAIL(TAP_BLOCK);
+    else if (rest > 6) TAIL(9);
+    else if (rest > 3) TAIL(6);
+    else if (rest > 0) TAIL(3);
+#undef TAIL
+}
+#pragma GCC pop_options
+#endif
+
+#ifndef HAVE_DOT_BF16
+#define HAVE_DOT_BF16 0
+#endif
+
+static int use_dot_bf16(int options) {
+#if HAVE_DOT_BF16
+    return (options & OPTION_DOT_BF16) && __builtin_cpu_supports("avx512bf16");
+#else
+    (void)options;
+    return 0;
+#endif
+}
+
+/* Whether bf16 calls with OPTION_DOT_BF16 run on AVX512-BF16 dot products here (this build and this CPU). */
+int fastcnn_cpu_dot_bf16(void) { return use_dot_bf16(OPTION_DOT_BF16); }
+
+#if HAVE_DOT_BF16
+/* Rows ih0 .. ih0 + rows - 1 of bf16 image n, every channel, as bf16 with the zero padding made explicit (the
+ * layout of load_rows). */
+static void load_rows_bf16(const uint16_t *x, const int64_t *xs, int64_t n, int64_t c_in, int64_t h, int64_t w,
+                           int64_t pad, int64_t ih0, int64_t rows, uint16_t *tile) {
+    const int64_t tw = w + 2 * pad;
+    for (int64_t ci = 0; ci < c_in; ci++) {
+        for (int64_t r = 0; r < rows; r++) {
+            uint16_t *dst = tile + (ci * rows + r) * tw;
+            const int64_t ih = ih0 + r;
+            if (ih < 0 || ih >= h) {
+                memset(dst, 0, (size_t)tw * sizeof(uint16_t));
+                continue;
+            }
+            for (int64_t i = 0; i < pad; i++) dst[i] = dst[pad + w + i] = 0;
+            const uint16_t *src = x + n * xs[0] + ci * xs[1] + ih * xs[2];
+            if (xs[3] == 1)
+                memcpy(dst + pad, src, (size_t)w * sizeof(uint16_t));
+            else
+                for (int64_t iw = 0; iw < w; iw++) dst[pad + iw] = src[iw * xs[3]];
+        }
+    }
+}
+#endif
+
 int fastcnn_cpu_backward_weight(const void *grad, const int64_t *gs, const uint8_t *code, const int64_t *cs,
                                 const void *x, const int64_t *xs, void *grad_weight, const int64_t *gws,
                                 void *grad_bias, int64_t n_batch, int64_t c_in, int64_t h, int64_t w,
-                                int64_t c_out, int64_t k, int64_t pad, int dtype, int threads) {
+                                int64_t c_out, int64_t k, int64_t pad, int dtype, int threads, int options) {
     const int64_t hp = (h + 2 * pad - k + 1) / 2, wp = (w + 2 * pad - k + 1) / 2;
     const int64_t co_pad = round_up(c_out, CO_BLOCK), blocks = co_pad / CO_BLOCK;
     const int64_t rows = k + 1, tw = w + 2 * pad, taps = c_in * k * k;
+    const int dot = dtype == DTYPE_BF16 && use_dot_bf16(options);
+    (void)dot; /* read only where this build has the dot-product path */
     const int64_t part = taps * co_pad + co_pad; /* weight partials, then bias partials */
     if (threads < 1) threads = 1;
     float *partials = alloc_floats(part * threads);
@@ -505,6 +665,15 @@ int fastcnn_cpu_backward_weight(const void *grad, const int64_t *gs, const uint8
             for (int64_t task = 0; task < n_batch * hp; task++) {
                 if (!tile || !gbuf || !columns) continue;
                 const int64_t n = task / hp, ph = task % hp;
+#if HAVE_DOT_BF16
+                if (dot) {
+                    load_rows_bf16(x, xs, n, c_in, h, w, pad, 2 * ph - pad, rows, (uint16_t *)tile);
+                    for (int64_t b = 0; b < blocks; b++)
+                        weight_grad_row_dot(grad, gs, code, cs, (const uint16_t *)tile, tap_offset, (__m512i *)gbuf,
+                                            columns, n, ph, wp, b, c_out, taps, tw, gw, gb, co_pad);
+                    continue;
+                }
+#endif
                 load_rows(x, xs, dtype, n, c_in, h, w, pad, 2 * ph - pad, rows, tile);
                 for (int64_t b = 0; b < blocks; b++) {
                     /* g_d for every pooled column of the row: grad_pooled where position d won and ReLU passes,
@@ -574,7 +743,8 @@ int fastcnn_cpu_backward_weight(const void *grad, const int64_t *gs, const uint8
 int fastcnn_cpu_backward_input(const void *grad, const int64_t *gs, const uint8_t *code, const int64_t *cs,
                                const void *weight, const int64_t *ws, void *grad_x, const int64_t *gxs,
                                int64_t n_batch, int64_t c_in, int64_t h, int64_t w, int64_t c_out, int64_t k,
-                               int64_t pad, int dtype, int threads) {
+                               int64_t pad, int dtype, int threads, int options) {
+    (void)options; /* no option changes grad_input */
     const int64_t hp = (h + 2 * pad - k + 1) / 2, wp = (w + 2 * pad - k + 1) / 2;
     const int64_t ci_pad = round_up(c_in, CI_BLOCK);
     /* A patch row (k pixels x ci_pad channels) padded to whole PIECEs with zero weights, so that every piece is

@@ -24,7 +24,7 @@ import platform
 import torch
 from fastcnn.kernels.layout import memory_format_of, pooled_size
 
-ABI = 1  # FASTCNN_CPU_ABI in the C source: a stale build from an older source is not loaded
+ABI = 2  # FASTCNN_CPU_ABI in the C source: a stale build from an older source is not loaded
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _HERE = pathlib.Path(__file__).resolve().parent
@@ -33,15 +33,15 @@ _i64p = ctypes.POINTER(ctypes.c_int64)
 _ptr = ctypes.c_void_p
 _i64 = ctypes.c_int64
 _SIGNATURES = {
-    # x, xs, weight, ws, bias, out, os, code, cs, N, Cin, H, W, Cout, k, pad, dtype, threads
+    # x, xs, weight, ws, bias, out, os, code, cs, N, Cin, H, W, Cout, k, pad, dtype, threads, options
     "fastcnn_cpu_forward": [_ptr, _i64p, _ptr, _i64p, _ptr, _ptr, _i64p, _ptr, _i64p] + [_i64] * 7
-    + [ctypes.c_int] * 2,
-    # grad, gs, code, cs, x, xs, grad_weight, gws, grad_bias, N, Cin, H, W, Cout, k, pad, dtype, threads
+    + [ctypes.c_int] * 3,
+    # grad, gs, code, cs, x, xs, grad_weight, gws, grad_bias, N, Cin, H, W, Cout, k, pad, dtype, threads, options
     "fastcnn_cpu_backward_weight": [_ptr, _i64p, _ptr, _i64p, _ptr, _i64p, _ptr, _i64p, _ptr] + [_i64] * 7
-    + [ctypes.c_int] * 2,
-    # grad, gs, code, cs, weight, ws, grad_x, gxs, N, Cin, H, W, Cout, k, pad, dtype, threads
+    + [ctypes.c_int] * 3,
+    # grad, gs, code, cs, weight, ws, grad_x, gxs, N, Cin, H, W, Cout, k, pad, dtype, threads, options
     "fastcnn_cpu_backward_input": [_ptr, _i64p, _ptr, _i64p, _ptr, _i64p, _ptr, _i64p] + [_i64] * 7
-    + [ctypes.c_int] * 2,
+    + [ctypes.c_int] * 3,
 }
 
 
@@ -73,10 +73,12 @@ def load_library(path: pathlib.Path) -> tuple[ctypes.CDLL | None, str]:
     if lib.fastcnn_cpu_abi() != ABI:
         return None, f"{path.name} is a stale build (reinstall fastcnn: pip install -e .)"
     lib.fastcnn_cpu_isa.restype = ctypes.c_char_p
+    lib.fastcnn_cpu_dot_bf16.restype = ctypes.c_int
     for fn, argtypes in _SIGNATURES.items():
         getattr(lib, fn).argtypes = argtypes
         getattr(lib, fn).restype = ctypes.c_int
-    return lib, f"native CPU kernel ({lib.fastcnn_cpu_isa().decode()} build)"
+    dot = ", bf16 dot products" if lib.fastcnn_cpu_dot_bf16() else ""
+    return lib, f"native CPU kernel ({lib.fastcnn_cpu_isa().decode()} build{dot})"
 
 
 def load(directory: pathlib.Path = _HERE) -> tuple[ctypes.CDLL | None, str]:
@@ -93,6 +95,10 @@ def load(directory: pathlib.Path = _HERE) -> tuple[ctypes.CDLL | None, str]:
 
 
 LIBRARY, STATUS = load()
+
+# Bit 0: bf16 calls may use AVX512-BF16 dot products where the build and the CPU have them (the C source's
+# OPTION_DOT_BF16). FASTCNN_NATIVE_BF16_DOT=0 (or a test setting OPTIONS = 0) runs the fp32-FMA path instead.
+OPTIONS = 0 if os.environ.get("FASTCNN_NATIVE_BF16_DOT", "1") == "0" else 1
 
 
 def _strides(t: torch.Tensor):
@@ -117,7 +123,7 @@ def conv_relu_pool_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     rc = LIBRARY.fastcnn_cpu_forward(
         x.data_ptr(), _strides(x), weight.data_ptr(), _strides(weight), bias.data_ptr() if bias is not None else None,
         out.data_ptr(), _strides(out), code.data_ptr(), _strides(code),
-        n, c_in, h, w, c_out, ksize, padding, _DTYPE_CODES[x.dtype], torch.get_num_threads())
+        n, c_in, h, w, c_out, ksize, padding, _DTYPE_CODES[x.dtype], torch.get_num_threads(), OPTIONS)
     _check(rc, "forward")
     return out, code
 
@@ -133,7 +139,7 @@ def conv_relu_pool_backward_weight(grad_out: torch.Tensor, code: torch.Tensor, x
     rc = LIBRARY.fastcnn_cpu_backward_weight(
         grad_out.data_ptr(), _strides(grad_out), code.data_ptr(), _strides(code), x.data_ptr(), _strides(x),
         grad_weight.data_ptr(), _strides(grad_weight), grad_bias.data_ptr(),
-        n, c_in, h, w, c_out, ksize, padding, _DTYPE_CODES[x.dtype], torch.get_num_threads())
+        n, c_in, h, w, c_out, ksize, padding, _DTYPE_CODES[x.dtype], torch.get_num_threads(), OPTIONS)
     _check(rc, "grad_weight")
     return grad_weight, grad_bias
 
@@ -148,6 +154,6 @@ def conv_relu_pool_backward_input(grad_out: torch.Tensor, code: torch.Tensor, x:
     rc = LIBRARY.fastcnn_cpu_backward_input(
         grad_out.data_ptr(), _strides(grad_out), code.data_ptr(), _strides(code), weight.data_ptr(),
         _strides(weight), grad_x.data_ptr(), _strides(grad_x),
-        n, c_in, h, w, c_out, ksize, padding, _DTYPE_CODES[x.dtype], torch.get_num_threads())
+        n, c_in, h, w, c_out, ksize, padding, _DTYPE_CODES[x.dtype], torch.get_num_threads(), OPTIONS)
     _check(rc, "grad_input")
     return grad_x

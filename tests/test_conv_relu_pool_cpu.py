@@ -40,7 +40,8 @@ def test_the_native_kernel_is_built_and_loaded():
         pytest.skip("the native build is only expected on Linux with FASTCNN_NATIVE_CPU unset")
     assert native.LIBRARY is not None, native.STATUS
     isa = native.LIBRARY.fastcnn_cpu_isa().decode()
-    assert native.STATUS == f"native CPU kernel ({isa} build)"
+    dot = ", bf16 dot products" if native.LIBRARY.fastcnn_cpu_dot_bf16() else ""
+    assert native.STATUS == f"native CPU kernel ({isa} build{dot})"
     assert isa == {"avx512": "avx512", "avx2": "avx2"}.get(native.build_names()[0], isa)
 
 
@@ -62,6 +63,26 @@ def test_sweep_matches_reference(shape, dtype, channels_last):
     # bf16 on grid data: exact products, so both sides round the same values and route ties the same way.
     check_against_reference(*shape, dtype=dtype, channels_last=channels_last,
              data="randn" if dtype == torch.float32 else "grid")
+
+
+@needs_native
+@pytest.mark.parametrize("options", [0, 1], ids=["fma", "dot"])
+@pytest.mark.parametrize("shape", SWEEP[::3], ids=lambda s: "n{}_ci{}_co{}_{}x{}_k{}_p{}".format(*s))
+def test_bf16_on_both_paths_matches_reference(shape, options, monkeypatch):
+    """bf16 takes AVX512-BF16 dot products where the CPU has them (OPTIONS bit 0) and fp32 FMAs otherwise: both
+    paths against the reference, whichever this CPU runs (on one without the instruction both are the FMA path)."""
+    monkeypatch.setattr(native, "OPTIONS", options)
+    check_against_reference(*shape, dtype=torch.bfloat16, channels_last=True, data="grid")
+    check_against_reference(*shape, dtype=torch.bfloat16, channels_last=False, data="grid")
+
+
+@needs_native
+def test_the_dot_product_path_is_there_where_the_cpu_has_it():
+    flags = pathlib.Path("/proc/cpuinfo").read_text() if pathlib.Path("/proc/cpuinfo").exists() else ""
+    has_bf16 = " avx512_bf16" in flags
+    if native.LIBRARY.fastcnn_cpu_isa().decode() != "avx512" or not has_bf16:
+        pytest.skip("this CPU (or this build) has no AVX512-BF16")
+    assert native.LIBRARY.fastcnn_cpu_dot_bf16() == 1 and "bf16 dot products" in native.STATUS
 
 
 @needs_native
@@ -261,7 +282,7 @@ def test_ctypes_signatures_cover_every_exported_kernel():
         pytest.skip(native.STATUS)
     for name in native._SIGNATURES:
         fn = getattr(native.LIBRARY, name)
-        assert fn.restype is ctypes.c_int and len(fn.argtypes) in (17, 18)
+        assert fn.restype is ctypes.c_int and len(fn.argtypes) in (18, 19)  # options last
 
 
 @needs_native
