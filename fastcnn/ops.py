@@ -20,6 +20,12 @@ CPU Inductor ignores a CPU kernel registration and fails with "triton not built 
   keeps each native call as one extern kernel instead of tracing a ctypes call it cannot see.
 - Anything else (float16 on CPU, no native build, no Triton): plain aten ops that produce the same ``code`` and
   the same gradients.
+
+Eager calls on a CPU that runs the native kernel skip the op machinery: ``conv_relu_pool`` calls the native
+launchers from a plain ``torch.autograd.Function`` (``_NativeEager``). Each custom-op layer costs tens of
+microseconds of Python dispatch per call, forward and backward, which on a 1 ms CPU training step is as much as
+the kernel saves; the Function also takes autocast's cast of the weight and bias inside itself, where autograd does
+not record it. Under torch.compile the triton_op is what gets traced, as above.
 """
 
 from __future__ import annotations
@@ -327,6 +333,52 @@ def _autocast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     return x, weight, bias
 
 
+class _NativeEager(torch.autograd.Function):
+    """The op on the native CPU kernel, for eager autograd (see the module docstring): the same kernels and the same
+    numbers as the op's native branch under autocast. ``dtype`` is the compute dtype: the weight and bias are cast
+    to it here, and their gradients back to their own dtype, as autocast's casts and their backward would."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, padding, dtype):
+        weight_c = weight.to(dtype)
+        bias_c = bias.to(dtype) if bias is not None else None
+        _check_inputs(x, weight_c, bias_c, padding)
+        out, code = _native.conv_relu_pool_forward(x, weight_c, bias_c, padding)
+        ctx.save_for_backward(x, weight_c, code)
+        ctx.padding = padding
+        ctx.grad_dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, code = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        weight_dtype, bias_dtype = ctx.grad_dtypes
+        grad_x = grad_w = grad_b = None
+        if need_x:  # skipped for the first layer, whose input is data
+            grad_x = _native.conv_relu_pool_backward_input(grad_out, code, x, weight, ctx.padding)
+        if need_w or (need_b and bias_dtype is not None):
+            gw, gb = _native.conv_relu_pool_backward_weight(grad_out, code, x, weight, ctx.padding)
+            grad_w = gw.to(weight_dtype) if need_w else None
+            grad_b = gb.to(bias_dtype) if need_b and bias_dtype is not None else None
+        return grad_x, grad_w, grad_b, None, None
+
+
+def _eager_native_dtype(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype | None:
+    """The compute dtype when this call can take ``_NativeEager`` (an eager CPU call the native kernel runs, in
+    float32 or bfloat16, with parameters it can cast from), else None."""
+    if x.device.type != "cpu" or not native_runs_on_cpu() or torch.compiler.is_compiling():
+        return None
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    supported = _native.SUPPORTED_DTYPES
+    if dtype not in supported or x.dtype not in supported or weight.dtype not in supported or \
+            (bias is not None and bias.dtype not in supported):
+        return None
+    if not torch.is_autocast_enabled("cpu") and (weight.dtype != dtype or (bias is not None and bias.dtype != dtype)):
+        return None  # mixed dtypes outside autocast: the op's check says what is wrong
+    return dtype
+
+
 def conv_relu_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                    padding: int = 0) -> torch.Tensor:
     """``max_pool2d(relu(conv2d(x, weight, bias, padding=padding)), 2, 2)`` as one fused op.
@@ -345,6 +397,9 @@ def conv_relu_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     Gradients match the reference chain's routing: the first maximum of each 2x2 window (row-major) gets the
     gradient, and none flows where the ReLU output is 0. Raises ValueError for unsupported shapes or dtypes.
     """
+    dtype = _eager_native_dtype(x, weight, bias)
+    if dtype is not None:
+        return _NativeEager.apply(x.to(dtype), weight, bias, padding, dtype)
     x, weight, bias = _autocast(x, weight, bias)
     _check_inputs(x, weight, bias, padding)
     out, _ = torch.ops.fastcnn.conv_relu_pool(x, weight, bias, padding)

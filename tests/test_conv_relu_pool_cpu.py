@@ -297,3 +297,51 @@ def test_a_non_finite_gradient_reaches_only_the_patch_it_belongs_to():
     _, ref_grads = forward_backward(conv_relu_pool_reference, x, wt, b, 0, grad)
     torch.testing.assert_close(grads["x"], ref_grads["x"], equal_nan=True)
     assert not grads["x"][0, 0, :, 5:].isnan().any()
+
+
+def _through_the_op(x, weight, bias, padding):
+    """conv_relu_pool by way of the registered op (what torch.compile traces), not the eager Function."""
+    x, weight, bias = ops._autocast(x, weight, bias)
+    out, _ = torch.ops.fastcnn.conv_relu_pool(x, weight, bias, padding)
+    return out
+
+
+@needs_native
+@pytest.mark.parametrize("case", ["fp32", "bf16", "autocast-bf16", "autocast-no-input-grad", "no-bias"])
+def test_eager_calls_give_the_ops_numbers_bit_for_bit(case):
+    """Eager CPU calls run the native launchers from an autograd.Function (no op dispatch); the same kernels, the
+    same casts: outputs and every gradient equal the op's exactly, also under autocast with fp32 parameters."""
+    dtype = torch.bfloat16 if case == "bf16" else torch.float32
+    x, wt, b, draw_grad = make_inputs(3, 5, 17, 11, 10, 3, dtype=dtype, channels_last=True, seed=2,
+                                      bias=case != "no-bias", x_grad=case != "autocast-no-input-grad")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.startswith("autocast"))
+    results, grad = [], draw_grad((3, 17, 5, 5))
+    for fn in (conv_relu_pool, _through_the_op):
+        with autocast:
+            out = fn(x, wt, b, 1)
+        grad = grad.to(out.dtype)
+        for t in (x, wt, b):
+            if t is not None:
+                t.grad = None
+        out.backward(grad)
+        results.append((out, {name: t.grad.clone() for name, t in (("x", x), ("weight", wt), ("bias", b))
+                              if t is not None and t.requires_grad}))
+    (out, grads), (ref, ref_grads) = results
+    assert out.dtype == ref.dtype and out.stride() == ref.stride() and torch.equal(out, ref)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        assert grads[name].dtype == ref_grads[name].dtype and torch.equal(grads[name], ref_grads[name]), name
+
+
+@needs_native
+def test_eager_calls_skip_the_op_dispatch_and_compiled_ones_keep_it():
+    from test_conv_relu_pool import RecordedOps
+
+    x, wt, b, draw_grad = make_inputs(2, 3, 8, 9, 9, 3, channels_last=True)
+    with RecordedOps() as recorded:
+        out = conv_relu_pool(x, wt, b, 1)
+        out.backward(draw_grad(out.shape))
+    names = {str(func) for func, _ in recorded.calls}
+    assert not any(name.startswith("fastcnn.") for name in names), names
+    with pytest.raises(ValueError, match="share one dtype"):  # mixed dtypes outside autocast: the op's one line
+        conv_relu_pool(x, wt.detach().bfloat16(), b, 1)
