@@ -366,12 +366,12 @@ int fastcnn_cpu_forward(const void *x, const int64_t *xs, const void *weight, co
  * partials are added in thread order. */
 /* g_d for one pooled element and the output channels of one block (`valid` of them): grad_pooled where the code
  * says window position d won and ReLU passes, else 0, for d = 0..3 into gd[0..3]; their sum (grad_pooled where
- * ReLU passes) added to the bias partials. Returns whether any channel passes. The code and the gradient are read
+ * ReLU passes) added to *bias_sum, which the caller keeps in a register across the row. Returns whether any channel passes. The code and the gradient are read
  * apart, each with vector loads where its channels are contiguous (channels-last) and lane by lane elsewhere. */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 static inline __attribute__((always_inline)) int window_grads(const void *grad, int64_t o, const int64_t *gs,
                                                               const uint8_t *code, int64_t q, const int64_t *cs,
-                                                              int64_t valid, int dtype, v16 *gd, float *bias_acc) {
+                                                              int64_t valid, int dtype, v16 *gd, v16 *bias_sum) {
     const __mmask16 lanes = (__mmask16)((1u << valid) - 1u);
     __m128i cd;
     if (cs[1] == 1) {
@@ -399,13 +399,13 @@ static inline __attribute__((always_inline)) int window_grads(const void *grad, 
 #pragma GCC unroll 4
     for (int d = 0; d < 4; d++)
         gd[d] = (v16)_mm512_maskz_mov_ps(_mm_cmpeq_epi8_mask(cd, _mm_set1_epi8((char)(4 + d))), g);
-    _mm512_storeu_ps(bias_acc, _mm512_mask_add_ps(_mm512_loadu_ps(bias_acc), pass, _mm512_loadu_ps(bias_acc), g));
+    *bias_sum = (v16)_mm512_mask_add_ps((__m512)*bias_sum, pass, (__m512)*bias_sum, g);
     return 1;
 }
 #else
 static inline __attribute__((always_inline)) int window_grads(const void *grad, int64_t o, const int64_t *gs,
                                                               const uint8_t *code, int64_t q, const int64_t *cs,
-                                                              int64_t valid, int dtype, v16 *gd, float *bias_acc) {
+                                                              int64_t valid, int dtype, v16 *gd, v16 *bias_sum) {
     vi16 cd;
     v16 g;
     if (valid == CO_BLOCK && cs[1] == 1) {
@@ -435,7 +435,7 @@ static inline __attribute__((always_inline)) int window_grads(const void *grad, 
     gd[1] = select16(pass & (win == 1), g, zero);
     gd[2] = select16(pass & (win == 2), g, zero);
     gd[3] = select16(pass & (win == 3), g, zero);
-    *(v16u *)bias_acc += (gd[0] + gd[1]) + (gd[2] + gd[3]);
+    *bias_sum += (gd[0] + gd[1]) + (gd[2] + gd[3]);
     return 1;
 }
 #endif
@@ -488,7 +488,7 @@ static inline __attribute__((always_inline)) void weight_grad_taps(
 static inline __attribute__((always_inline)) int window_grad_pairs(const uint16_t *grad, int64_t o,
                                                                    const int64_t *gs, const uint8_t *code, int64_t q,
                                                                    const int64_t *cs, int64_t valid, __m512i *pairs,
-                                                                   float *bias_acc) {
+                                                                   __m512 *bias_sum) {
     const __mmask16 lanes = (__mmask16)((1u << valid) - 1u);
     __m128i cd;
     __m512i g;
@@ -515,8 +515,7 @@ static inline __attribute__((always_inline)) int window_grad_pairs(const uint16_
         const __mmask16 right = _mm_cmpeq_epi8_mask(cd, _mm_set1_epi8((char)(5 + 2 * dy)));
         pairs[dy] = _mm512_or_si512(_mm512_maskz_mov_epi32(left, g), _mm512_maskz_mov_epi32(right, high));
     }
-    const __m512 sum = _mm512_loadu_ps(bias_acc);
-    _mm512_storeu_ps(bias_acc, _mm512_mask_add_ps(sum, pass, sum, _mm512_castsi512_ps(high)));
+    *bias_sum = _mm512_mask_add_ps(*bias_sum, pass, *bias_sum, _mm512_castsi512_ps(high));
     return 1;
 }
 
@@ -560,12 +559,16 @@ static __attribute__((noinline)) void weight_grad_row_dot(
     int64_t c_out, int64_t taps, int64_t tw, float *gw, float *gb, int64_t co_pad) {
     int64_t live = 0;
     const int64_t valid = c_out - b * CO_BLOCK < CO_BLOCK ? c_out - b * CO_BLOCK : CO_BLOCK;
+    /* the row's bias gradient in a register: added to the partials once (a read-modify-write per column would
+     * chain every column behind the previous one's store) */
+    __m512 bias_sum = _mm512_setzero_ps();
     for (int64_t pw = 0; pw < wp; pw++) {
         const int64_t q = n * cs[0] + b * CO_BLOCK * cs[1] + ph * cs[2] + pw * cs[3];
         const int64_t o = n * gs[0] + b * CO_BLOCK * gs[1] + ph * gs[2] + pw * gs[3];
-        if (window_grad_pairs(grad, o, gs, code, q, cs, valid, pairs + 2 * live, gb + b * CO_BLOCK))
+        if (window_grad_pairs(grad, o, gs, code, q, cs, valid, pairs + 2 * live, &bias_sum))
             columns[live++] = 2 * pw;
     }
+    _mm512_storeu_ps(gb + b * CO_BLOCK, _mm512_add_ps(_mm512_loadu_ps(gb + b * CO_BLOCK), bias_sum));
     if (live == 0) return;
     float *acc_b = gw + b * CO_BLOCK;
     int64_t t0 = 0;
@@ -680,14 +683,16 @@ int fastcnn_cpu_backward_weight(const void *grad, const int64_t *gs, const uint8
                      * per output channel; columns where no channel passes are left out. */
                     int64_t live = 0;
                     const int64_t valid = c_out - b * CO_BLOCK < CO_BLOCK ? c_out - b * CO_BLOCK : CO_BLOCK;
+                    v16 bias_sum = {0};
                     for (int64_t pw = 0; pw < wp; pw++) {
                         const int64_t q = n * cs[0] + b * CO_BLOCK * cs[1] + ph * cs[2] + pw * cs[3];
                         const int64_t o = n * gs[0] + b * CO_BLOCK * gs[1] + ph * gs[2] + pw * gs[3];
                         v16 *gd = gbuf + 4 * live;
-                        if (!window_grads(grad, o, gs, code, q, cs, valid, dtype, gd, gb + b * CO_BLOCK))
+                        if (!window_grads(grad, o, gs, code, q, cs, valid, dtype, gd, &bias_sum))
                             continue; /* no channel passes a gradient here */
                         columns[live++] = 2 * pw;
                     }
+                    *(v16u *)(gb + b * CO_BLOCK) += bias_sum;
                     if (live == 0) continue;
                     /* TAP_BLOCK taps at a time, summed over the row's columns in registers, then added once. */
                     float *acc_b = gw + b * CO_BLOCK;

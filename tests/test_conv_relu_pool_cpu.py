@@ -88,7 +88,11 @@ def test_the_dot_product_path_is_there_where_the_cpu_has_it():
 @needs_native
 @pytest.mark.parametrize("n", [1, 256], ids=["batch1", "batch256"])
 def test_tutorial_layers_tiny_and_large_batches(n):
-    check_against_reference(n, 1, 32, 28, 28, 3, 0, dtype=torch.float32, channels_last=True, data="randn", x_grad=False)
+    # At batch 256 the bias gradient sums 43,264 terms: randn data would compare two roundings of that sum (fp32
+    # aten was measured 4x further from the float64 sum than the kernel), so the large batch takes grid data,
+    # whose sums are exact in any order.
+    check_against_reference(n, 1, 32, 28, 28, 3, 0, dtype=torch.float32, channels_last=True,
+                            data="randn" if n == 1 else "grid", x_grad=False)
     check_against_reference(n, 6, 12, 12, 12, 5, 0, dtype=torch.bfloat16, channels_last=True, data="grid")
 
 
