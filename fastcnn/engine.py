@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fastcnn.errors import TrainingDivergedError
 from fastcnn.kernel_choice import KernelTiming, apply_choices, choose_kernels
+from fastcnn.lean_adam import LeanFusedAdam
 from fastcnn.steps import EagerStep, GraphedStep, StepParts, TrainStep, graph_policy
 
 PROGRESS_REFRESH_STEPS = 50
@@ -44,6 +45,8 @@ def build_optimizer(name: str, params, lr: float, betas: tuple[float, float] | N
     # fused=None, not False, leaves torch its default (foreach on CUDA): the reference path's optimizer.
     implementation = dict(fused=True) if fused else {}
     if name == "adam":
+        if fused and capturable_on is None:  # the same fused update, without the Python before its kernel
+            return LeanFusedAdam(params, lr=lr, betas=betas or (0.9, 0.999))
         return torch.optim.Adam(params, lr=lr, betas=betas or (0.9, 0.999), capturable=capturable_on is not None,
                                 **implementation)
     if name == "sgd":

@@ -43,7 +43,7 @@ def test_same_logits_and_gradients_as_flatten_then_linear(shape, memory_format, 
     expected = _run(_reference, linear, features, memory_format, autocast)
     # bf16: the same products, summed in another order, each result rounded to bf16 once
     tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
-    for name, a, b in zip(("logits", "grad_features", "grad_weight", "grad_bias"), got, expected):
+    for name, a, b in zip(("logits", "grad_features", "grad_weight", "grad_bias"), got, expected, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"{name}: {m}")
     assert got[1].stride() == expected[1].stride()  # the features' gradient keeps their layout
