@@ -191,17 +191,51 @@ static inline __attribute__((always_inline)) void pool_and_store(const v16 *acc,
                                                                  uint8_t *code, const int64_t *cs, int64_t n,
                                                                  int64_t ph, int64_t pw, int64_t b, int64_t valid,
                                                                  int dtype) {
-    __m512 best = rounded512((__m512)acc[0], dtype);
-    __m512i idx = _mm512_setzero_si512();
+    const __m512 a0 = (__m512)acc[0], a1 = (__m512)acc[1], a2 = (__m512)acc[2], a3 = (__m512)acc[3];
+    __m512 best;
+    __m512i idx;
+    __mmask16 pass;
+    if (!(_mm512_cmp_ps_mask(a0, a1, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(a2, a3, _CMP_UNORD_Q))) {
+        /* No NaN (the common case): round only the maximum. Rounding is monotonic, so the rounded maximum R is the
+         * maximum of the rounded values, and a position's rounded value equals R exactly when it is at least L,
+         * the least fp32 value that rounds to R: the midpoint below R, or the next value up when R's last bf16
+         * bit is odd (round-half-to-even sends the midpoint down then). The first such position wins. Only
+         * windows with R > 0 need it (the others get code 0, see above), and there L > 0: negative values, -0
+         * included, fall below it. */
+        const __m512 m = _mm512_max_ps(_mm512_max_ps(a0, a1), _mm512_max_ps(a2, a3));
+        __m512 least = m;
+        best = m;
+        if (dtype == DTYPE_BF16) {
+            const __m512i u = _mm512_castps_si512(m);
+            const __m512i r = _mm512_and_si512(
+                _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)),
+                                 _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))),
+                _mm512_set1_epi32((int)0xFFFF0000u));
+            best = _mm512_castsi512_ps(r);
+            least = _mm512_castsi512_ps(_mm512_add_epi32(
+                _mm512_sub_epi32(r, _mm512_set1_epi32(0x8000)),
+                _mm512_and_si512(_mm512_srli_epi32(r, 16), _mm512_set1_epi32(1))));
+        }
+        pass = _mm512_cmp_ps_mask(best, _mm512_setzero_ps(), _CMP_GT_OQ);
+        idx = _mm512_set1_epi32(3);
+        idx = _mm512_mask_mov_epi32(idx, _mm512_cmp_ps_mask(a2, least, _CMP_GE_OQ), _mm512_set1_epi32(2));
+        idx = _mm512_mask_mov_epi32(idx, _mm512_cmp_ps_mask(a1, least, _CMP_GE_OQ), _mm512_set1_epi32(1));
+        idx = _mm512_mask_mov_epi32(idx, _mm512_cmp_ps_mask(a0, least, _CMP_GE_OQ), _mm512_setzero_si512());
+    } else {
+        /* A NaN somewhere in the block: every position rounded, PyTorch's rule position by position. */
+        best = rounded512(a0, dtype);
+        idx = _mm512_setzero_si512();
 #pragma GCC unroll 4
-    for (int d = 1; d < 4; d++) {
-        const __m512 cand = rounded512((__m512)acc[d], dtype);
-        const __mmask16 upd = _mm512_cmp_ps_mask(cand, best, _CMP_GT_OQ) | _mm512_cmp_ps_mask(cand, cand, _CMP_UNORD_Q);
-        best = _mm512_mask_mov_ps(best, upd, cand);
-        idx = _mm512_mask_mov_epi32(idx, upd, _mm512_set1_epi32(d));
+        for (int d = 1; d < 4; d++) {
+            const __m512 cand = rounded512((__m512)acc[d], dtype);
+            const __mmask16 upd =
+                _mm512_cmp_ps_mask(cand, best, _CMP_GT_OQ) | _mm512_cmp_ps_mask(cand, cand, _CMP_UNORD_Q);
+            best = _mm512_mask_mov_ps(best, upd, cand);
+            idx = _mm512_mask_mov_epi32(idx, upd, _mm512_set1_epi32(d));
+        }
+        /* ReLU and the pass bit: not <= 0 (so NaN passes, as it does through threshold_backward) */
+        pass = _mm512_cmp_ps_mask(best, _mm512_setzero_ps(), _CMP_NLE_UQ);
     }
-    /* ReLU and the pass bit: not <= 0 (so NaN passes, as it does through threshold_backward) */
-    const __mmask16 pass = _mm512_cmp_ps_mask(best, _mm512_setzero_ps(), _CMP_NLE_UQ);
     best = _mm512_maskz_mov_ps(pass, best);
     const __m512i codes = _mm512_maskz_or_epi32(pass, idx, _mm512_set1_epi32(4));
     const __mmask16 lanes = (__mmask16)((1u << valid) - 1u);

@@ -349,3 +349,31 @@ def test_eager_calls_skip_the_op_dispatch_and_compiled_ones_keep_it():
     assert not any(name.startswith("fastcnn.") for name in names), names
     with pytest.raises(ValueError, match="share one dtype"):  # mixed dtypes outside autocast: the op's one line
         conv_relu_pool(x, wt.detach().bfloat16(), b, 1)
+
+
+@needs_native
+def test_bf16_ties_after_rounding_go_to_the_first_position():
+    """Pre-activations that differ in fp32 but round to one bf16 value tie, and the first position wins; the
+    rounding sends a midpoint to the even neighbour. Each window's four sums are base + offset (two input
+    channels, 1x1 weights of 1), exact in fp32."""
+    one, half_ulp, tiny = 1.0, 2.0 ** -8, 2.0 ** -10  # bf16's ulp at 1.0 is 2^-7
+    # each position as (first channel, second channel): both exact in bf16, their sum is not
+    windows = [
+        [(one, 0), (one, tiny), (one, 0), (one, 0)],                # all round to 1.0: the first
+        [(one, 0), (one, half_ulp), (one, 0), (one, 0)],            # a midpoint goes to the even 1.0: the first
+        [(one, 0), (one, half_ulp + tiny), (one, 0), (one, 0)],     # up to 1.0078125: the second
+        [(one, half_ulp), (one, 2 * half_ulp), (one, 0), (one, 0)],  # 1.0 (even) and 1.0078125 (odd): the second
+        [(one, half_ulp + tiny), (one, 2 * half_ulp), (one, 0), (one, 0)],  # both 1.0078125: the first
+        [(-one, 0), (0, -tiny), (0, 0), (0, -half_ulp)],            # nothing passes: code 0, no gradient
+    ]
+    pairs = torch.tensor(windows)  # (windows, position, channel)
+    x = pairs.view(len(windows), 2, 2, 2).permute(3, 1, 0, 2).reshape(1, 2, 2, 2 * len(windows))
+    x = x.bfloat16().contiguous(memory_format=torch.channels_last).requires_grad_()
+    wt = torch.ones(1, 2, 1, 1, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.arange(1.0, len(windows) + 1).view(1, 1, 1, -1).bfloat16()
+    out, grads = forward_backward(conv_relu_pool, x, wt, None, 0, grad)
+    ref, ref_grads = forward_backward(conv_relu_pool_reference, x, wt, None, 0, grad)
+    assert torch.equal(out, ref)
+    assert torch.equal(grads["x"], ref_grads["x"]) and torch.equal(grads["weight"], ref_grads["weight"])
+    winners = grads["x"][0, 0].float().view(2, len(windows), 2).permute(1, 0, 2).reshape(len(windows), 4)
+    assert winners.argmax(1).tolist()[:5] == [0, 0, 1, 1, 0] and not winners[5].any()
