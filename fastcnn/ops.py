@@ -30,6 +30,7 @@ not record it. Under torch.compile the triton_op is what gets traced, as above.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -333,6 +334,14 @@ def _autocast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     return x, weight, bias
 
 
+def _named(name: str):
+    """A profiler range named like the op's native kernel, while a profiler runs (``fastcnn bench --profile``
+    reports the kernels by these names); nothing otherwise (a range costs about 5 us per call)."""
+    if torch._C._autograd._profiler_enabled():
+        return torch.profiler.record_function(name)
+    return contextlib.nullcontext()
+
+
 class _NativeEager(torch.autograd.Function):
     """The op on the native CPU kernel, for eager autograd (see the module docstring): the same kernels and the same
     numbers as the op's native branch under autocast. ``dtype`` is the compute dtype: the weight and bias are cast
@@ -343,7 +352,8 @@ class _NativeEager(torch.autograd.Function):
         weight_c = weight.to(dtype)
         bias_c = bias.to(dtype) if bias is not None else None
         _check_inputs(x, weight_c, bias_c, padding)
-        out, code = _native.conv_relu_pool_forward(x, weight_c, bias_c, padding)
+        with _named("fastcnn::native_cpu_forward"):
+            out, code = _native.conv_relu_pool_forward(x, weight_c, bias_c, padding)
         ctx.save_for_backward(x, weight_c, code)
         ctx.padding = padding
         ctx.grad_dtypes = (weight.dtype, None if bias is None else bias.dtype)
@@ -356,9 +366,11 @@ class _NativeEager(torch.autograd.Function):
         weight_dtype, bias_dtype = ctx.grad_dtypes
         grad_x = grad_w = grad_b = None
         if need_x:  # skipped for the first layer, whose input is data
-            grad_x = _native.conv_relu_pool_backward_input(grad_out, code, x, weight, ctx.padding)
+            with _named("fastcnn::native_cpu_backward_input"):
+                grad_x = _native.conv_relu_pool_backward_input(grad_out, code, x, weight, ctx.padding)
         if need_w or (need_b and bias_dtype is not None):
-            gw, gb = _native.conv_relu_pool_backward_weight(grad_out, code, x, weight, ctx.padding)
+            with _named("fastcnn::native_cpu_backward_weight"):
+                gw, gb = _native.conv_relu_pool_backward_weight(grad_out, code, x, weight, ctx.padding)
             grad_w = gw.to(weight_dtype) if need_w else None
             grad_b = gb.to(bias_dtype) if need_b and bias_dtype is not None else None
         return grad_x, grad_w, grad_b, None, None
