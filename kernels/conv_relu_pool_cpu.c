@@ -312,9 +312,10 @@ static inline __attribute__((always_inline)) void pool_and_store(const v16 *acc,
  * window positions) per column, sharing each weight vector across the columns. cols is a constant at each call
  * site, so the accumulators live in registers. */
 static inline __attribute__((always_inline)) void forward_columns(
-    const int cols, const float *tile, const float *packed, const float *bias_f, void *out, const int64_t *os,
-    uint8_t *code, const int64_t *cs, int64_t n, int64_t ph, int64_t pw, int64_t b, int64_t c_in, int64_t c_out,
-    int64_t k, int64_t co_pad, int64_t rows, int64_t tw, int dtype) {
+    const int cols, const int k_const, const float *tile, const float *packed, const float *bias_f, void *out,
+    const int64_t *os, uint8_t *code, const int64_t *cs, int64_t n, int64_t ph, int64_t pw, int64_t b, int64_t c_in,
+    int64_t c_out, int64_t k, int64_t co_pad, int64_t rows, int64_t tw, int dtype) {
+    if (k_const) k = k_const; /* a constant: the kx loop unrolls, each input a broadcast operand of its FMA */
     v16 acc[PW_BLOCK][4];
     const v16 bv = *(const v16u *)(bias_f + b * CO_BLOCK);
 #pragma GCC unroll 8
@@ -323,6 +324,7 @@ static inline __attribute__((always_inline)) void forward_columns(
         for (int64_t ky = 0; ky < k; ky++) {
             const float *r0 = tile + (ci * rows + ky) * tw + 2 * pw, *r1 = r0 + tw;
             const float *wt = packed + (ci * k + ky) * k * co_pad + b * CO_BLOCK;
+#pragma GCC unroll 8
             for (int64_t kx = 0; kx < k; kx++) {
                 const v16 wv = *(const v16u *)(wt + kx * co_pad);
 #pragma GCC unroll 8
@@ -339,6 +341,21 @@ static inline __attribute__((always_inline)) void forward_columns(
 #pragma GCC unroll 8
     for (int j = 0; j < cols; j++)
         pool_and_store(acc[j], out, os, code, cs, n, ph, pw + j, b, valid, dtype);
+}
+
+/* Pooled row ph of image n, channel block b: PW_BLOCK columns at a time, then one by one. k_const is 3, 5 (the
+ * tutorials' kernel sizes, specialized) or 0 (any k). */
+static inline __attribute__((always_inline)) void forward_row(
+    const int k_const, const float *tile, const float *packed, const float *bias_f, void *out, const int64_t *os,
+    uint8_t *code, const int64_t *cs, int64_t n, int64_t ph, int64_t wp, int64_t b, int64_t c_in, int64_t c_out,
+    int64_t k, int64_t co_pad, int64_t rows, int64_t tw, int dtype) {
+    int64_t pw = 0;
+    for (; pw + PW_BLOCK <= wp; pw += PW_BLOCK)
+        forward_columns(PW_BLOCK, k_const, tile, packed, bias_f, out, os, code, cs, n, ph, pw, b, c_in, c_out, k,
+                        co_pad, rows, tw, dtype);
+    for (; pw < wp; pw++)
+        forward_columns(1, k_const, tile, packed, bias_f, out, os, code, cs, n, ph, pw, b, c_in, c_out, k, co_pad,
+                        rows, tw, dtype);
 }
 
 int fastcnn_cpu_forward(const void *x, const int64_t *xs, const void *weight, const int64_t *ws, const void *bias,
@@ -376,13 +393,15 @@ int fastcnn_cpu_forward(const void *x, const int64_t *xs, const void *weight, co
             load_rows(x, xs, dtype, n, c_in, h, w, pad, 2 * ph - pad, rows, tile);
             /* Channel blocks outermost: one block's weights (taps x 64 bytes) stay in L1 across the row. */
             for (int64_t b = 0; b < blocks; b++) {
-                int64_t pw = 0;
-                for (; pw + PW_BLOCK <= wp; pw += PW_BLOCK)
-                    forward_columns(PW_BLOCK, tile, packed, bias_f, out, os, code, cs, n, ph, pw, b, c_in, c_out,
-                                    k, co_pad, rows, tw, dtype);
-                for (; pw < wp; pw++)
-                    forward_columns(1, tile, packed, bias_f, out, os, code, cs, n, ph, pw, b, c_in, c_out, k,
-                                    co_pad, rows, tw, dtype);
+                if (k == 3)
+                    forward_row(3, tile, packed, bias_f, out, os, code, cs, n, ph, wp, b, c_in, c_out, k, co_pad, rows,
+                                tw, dtype);
+                else if (k == 5)
+                    forward_row(5, tile, packed, bias_f, out, os, code, cs, n, ph, wp, b, c_in, c_out, k, co_pad, rows,
+                                tw, dtype);
+                else
+                    forward_row(0, tile, packed, bias_f, out, os, code, cs, n, ph, wp, b, c_in, c_out, k, co_pad, rows,
+                                tw, dtype);
             }
         }
         free(tile);
