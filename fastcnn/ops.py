@@ -314,8 +314,9 @@ _conv_relu_pool_op.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------------------------- public API
 
 
-def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int) -> None:
-    problem = call_problem(x, weight, bias, padding)
+def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int, *,
+                  params_cast: bool = False) -> None:
+    problem = call_problem(x, weight, bias, padding, params_cast=params_cast)
     if problem:
         raise ValueError(f"conv_relu_pool: {problem}")
 
@@ -344,14 +345,18 @@ def _named(name: str):
 
 class _NativeEager(torch.autograd.Function):
     """The op on the native CPU kernel, for eager autograd (see the module docstring): the same kernels and the same
-    numbers as the op's native branch under autocast. ``dtype`` is the compute dtype: the weight and bias are cast
-    to it here, and their gradients back to their own dtype, as autocast's casts and their backward would."""
+    numbers as the op's native branch under autocast. ``dtype`` is the compute dtype: float32 parameters with
+    bfloat16 data go to the kernels as they are (they round the weights as they read them and give float32
+    gradients, rounded to bfloat16); other parameters are cast here, and their gradients cast back, as autocast's
+    casts and their backward would."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, padding, dtype):
-        weight_c = weight.to(dtype)
-        bias_c = bias.to(dtype) if bias is not None else None
-        _check_inputs(x, weight_c, bias_c, padding)
+        as_is = dtype == torch.bfloat16 and weight.dtype == torch.float32 and \
+            (bias is None or bias.dtype == torch.float32)
+        weight_c = weight if as_is else weight.to(dtype)
+        bias_c = bias if as_is or bias is None else bias.to(dtype)
+        _check_inputs(x, weight_c, bias_c, padding, params_cast=as_is)
         with _named("fastcnn::native_cpu_forward"):
             out, code = _native.conv_relu_pool_forward(x, weight_c, bias_c, padding)
         ctx.save_for_backward(x, weight_c, code)
@@ -371,7 +376,7 @@ class _NativeEager(torch.autograd.Function):
         if need_w or (need_b and bias_dtype is not None):
             with _named("fastcnn::native_cpu_backward_weight"):
                 gw, gb = _native.conv_relu_pool_backward_weight(grad_out, code, x, weight, ctx.padding)
-            grad_w = gw.to(weight_dtype) if need_w else None
+            grad_w = gw.to(weight_dtype) if need_w else None  # no-ops when the kernels took the parameters as is
             grad_b = gb.to(bias_dtype) if need_b and bias_dtype is not None else None
         return grad_x, grad_w, grad_b, None, None
 

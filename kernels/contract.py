@@ -85,8 +85,10 @@ def pool_problem(kernel_size, stride=None, padding=0, dilation=1, ceil_mode: boo
     return None
 
 
-def call_problem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding) -> str | None:
-    """Why the kernels cannot run ``conv_relu_pool(x, weight, bias, padding)`` on these tensors, or None."""
+def call_problem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding, *,
+                 params_cast: bool = False) -> str | None:
+    """Why the kernels cannot run ``conv_relu_pool(x, weight, bias, padding)`` on these tensors, or None.
+    ``params_cast``: the caller casts the weight and bias to x's dtype (autocast), so their own dtype may differ."""
     if x.dim() != 4 or weight.dim() != 4:
         return (f"needs a 4-d input (N, C, H, W) and a 4-d weight (Cout, Cin, k, k); got input {tuple(x.shape)} "
                 f"and weight {tuple(weight.shape)}")
@@ -100,7 +102,7 @@ def call_problem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         return f"input has {x.shape[1]} channels but the weight expects {c_in}"
     if x.dtype not in SUPPORTED_DTYPES:
         return f"dtype {x.dtype}, needs float32, float16 or bfloat16"
-    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+    if not params_cast and (weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype)):
         bias_dtype = None if bias is None else bias.dtype
         return (f"input, weight and bias must share one dtype (or run under torch.autocast); got input {x.dtype}, "
                 f"weight {weight.dtype}, bias {bias_dtype}")

@@ -36,12 +36,16 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define FASTCNN_CPU_ABI 2
+#define FASTCNN_CPU_ABI 3
 
 enum { DTYPE_F32 = 0, DTYPE_BF16 = 1 };
 /* options: bit 0 lets bf16 calls use AVX512-BF16 dot products where the CPU has them (the caller clears it to run
- * the fp32-FMA path, e.g. to test it on such a CPU) */
-enum { OPTION_DOT_BF16 = 1 };
+ * the fp32-FMA path, e.g. to test it on such a CPU). Bit 1 says the weight and bias (and so grad_weight and
+ * grad_bias) are float32 while the data is the call's dtype: the kernels round the weights to that dtype as they
+ * pack them, and write the parameter gradients rounded to it, as autocast's casts of the parameters do. */
+enum { OPTION_DOT_BF16 = 1, OPTION_FP32_PARAMS = 2 };
+
+static inline int param_dtype(int options, int dtype) { return (options & OPTION_FP32_PARAMS) ? DTYPE_F32 : dtype; }
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
@@ -82,6 +86,14 @@ static inline uint16_t f32_to_bf16(float f) {
 
 static inline float load_as_f32(const void *p, int64_t i, int dtype) {
     return dtype == DTYPE_BF16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* v as the dtype holds it, in fp32 */
+static inline float rounded_to(float v, int dtype) { return dtype == DTYPE_BF16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
+
+/* Element i of a parameter stored as pdtype, rounded to the compute dtype. */
+static inline float param_as(const void *p, int64_t i, int pdtype, int dtype) {
+    return rounded_to(load_as_f32(p, i, pdtype), dtype);
 }
 
 static inline void store_from_f32(void *p, int64_t i, float v, int dtype) {
@@ -138,7 +150,7 @@ static void load_rows(const void *x, const int64_t *xs, int dtype, int64_t n, in
 
 /* weight (Cout, Cin, k, k) with strides ws -> fp32 packed[((ci * k + ky) * k + kx) * co_pad + co], zero-padded
  * to co_pad output channels, so that one vector load reads CO_BLOCK output channels of one tap. */
-static void pack_weight_by_tap(const void *weight, const int64_t *ws, int dtype, int64_t c_out, int64_t c_in,
+static void pack_weight_by_tap(const void *weight, const int64_t *ws, int pdtype, int dtype, int64_t c_out, int64_t c_in,
                                int64_t k, int64_t co_pad, float *packed) {
     memset(packed, 0, (size_t)(c_in * k * k * co_pad) * sizeof(float));
     for (int64_t co = 0; co < c_out; co++)
@@ -146,7 +158,7 @@ static void pack_weight_by_tap(const void *weight, const int64_t *ws, int dtype,
             for (int64_t ky = 0; ky < k; ky++)
                 for (int64_t kx = 0; kx < k; kx++)
                     packed[((ci * k + ky) * k + kx) * co_pad + co] =
-                        load_as_f32(weight, co * ws[0] + ci * ws[1] + ky * ws[2] + kx * ws[3], dtype);
+                        param_as(weight, co * ws[0] + ci * ws[1] + ky * ws[2] + kx * ws[3], pdtype, dtype);
 }
 
 int fastcnn_cpu_abi(void) { return FASTCNN_CPU_ABI; }
@@ -362,7 +374,7 @@ int fastcnn_cpu_forward(const void *x, const int64_t *xs, const void *weight, co
                         void *out, const int64_t *os, uint8_t *code, const int64_t *cs, int64_t n_batch,
                         int64_t c_in, int64_t h, int64_t w, int64_t c_out, int64_t k, int64_t pad, int dtype,
                         int threads, int options) {
-    (void)options; /* no option changes the forward yet */
+    const int pdtype = param_dtype(options, dtype);
     const int64_t hp = (h + 2 * pad - k + 1) / 2, wp = (w + 2 * pad - k + 1) / 2;
     if (n_batch <= 0 || hp <= 0 || wp <= 0) return 0;
     const int64_t co_pad = round_up(c_out, CO_BLOCK), blocks = co_pad / CO_BLOCK;
@@ -373,8 +385,8 @@ int fastcnn_cpu_forward(const void *x, const int64_t *xs, const void *weight, co
         free(bias_f);
         return -1;
     }
-    pack_weight_by_tap(weight, ws, dtype, c_out, c_in, k, co_pad, packed);
-    for (int64_t co = 0; co < co_pad; co++) bias_f[co] = (bias && co < c_out) ? load_as_f32(bias, co, dtype) : 0.0f;
+    pack_weight_by_tap(weight, ws, pdtype, dtype, c_out, c_in, k, co_pad, packed);
+    for (int64_t co = 0; co < co_pad; co++) bias_f[co] = (bias && co < c_out) ? param_as(bias, co, pdtype, dtype) : 0.0f;
     int failed = 0;
 
 #pragma omp parallel num_threads(threads)
@@ -688,7 +700,7 @@ int fastcnn_cpu_backward_weight(const void *grad, const int64_t *gs, const uint8
     const int64_t hp = (h + 2 * pad - k + 1) / 2, wp = (w + 2 * pad - k + 1) / 2;
     const int64_t co_pad = round_up(c_out, CO_BLOCK), blocks = co_pad / CO_BLOCK;
     const int64_t rows = k + 1, tw = w + 2 * pad, taps = c_in * k * k;
-    const int dot = dtype == DTYPE_BF16 && use_dot_bf16(options);
+    const int dot = dtype == DTYPE_BF16 && use_dot_bf16(options), pdtype = param_dtype(options, dtype);
     (void)dot; /* read only where this build has the dot-product path */
     const int64_t part = taps * co_pad + co_pad; /* weight partials, then bias partials */
     if (threads < 1) threads = 1;
@@ -779,8 +791,8 @@ int fastcnn_cpu_backward_weight(const void *grad, const int64_t *gs, const uint8
             for (int64_t ky = 0; ky < k; ky++)
                 for (int64_t kx = 0; kx < k; kx++)
                     store_from_f32(grad_weight, co * gws[0] + ci * gws[1] + ky * gws[2] + kx * gws[3],
-                                   partials[((ci * k + ky) * k + kx) * co_pad + co], dtype);
-        store_from_f32(grad_bias, co, partials[taps * co_pad + co], dtype);
+                                   rounded_to(partials[((ci * k + ky) * k + kx) * co_pad + co], dtype), pdtype);
+        store_from_f32(grad_bias, co, rounded_to(partials[taps * co_pad + co], dtype), pdtype);
     }
     free(partials);
     free(tap_offset);
@@ -802,7 +814,7 @@ int fastcnn_cpu_backward_input(const void *grad, const int64_t *gs, const uint8_
                                const void *weight, const int64_t *ws, void *grad_x, const int64_t *gxs,
                                int64_t n_batch, int64_t c_in, int64_t h, int64_t w, int64_t c_out, int64_t k,
                                int64_t pad, int dtype, int threads, int options) {
-    (void)options; /* no option changes grad_input */
+    const int pdtype = param_dtype(options, dtype);
     const int64_t hp = (h + 2 * pad - k + 1) / 2, wp = (w + 2 * pad - k + 1) / 2;
     const int64_t ci_pad = round_up(c_in, CI_BLOCK);
     /* A patch row (k pixels x ci_pad channels) padded to whole PIECEs with zero weights, so that every piece is
@@ -820,7 +832,7 @@ int fastcnn_cpu_backward_input(const void *grad, const int64_t *gs, const uint8_
             for (int64_t ky = 0; ky < k; ky++)
                 for (int64_t kx = 0; kx < k; kx++)
                     packed[(co * k + ky) * row_pad + kx * ci_pad + ci] =
-                        load_as_f32(weight, co * ws[0] + ci * ws[1] + ky * ws[2] + kx * ws[3], dtype);
+                        param_as(weight, co * ws[0] + ci * ws[1] + ky * ws[2] + kx * ws[3], pdtype, dtype);
     int failed = 0;
 
 #pragma omp parallel num_threads(threads)

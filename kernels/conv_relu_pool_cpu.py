@@ -10,7 +10,9 @@ takes its plain-PyTorch branch.
 
 The launchers have the Triton launchers' signatures and contract (``kernels/conv_relu_pool.py``): float32 or
 bfloat16 inputs (fp32 accumulation), any strides, outputs in x's layout (channels-last when x is densely
-channels-last, NCHW otherwise). Inputs are assumed valid (``fastcnn.ops`` checks them). The kernels run on
+channels-last, NCHW otherwise). With bfloat16 data the weight and bias may also be float32 parameters, as under
+autocast: the kernels round them to bfloat16 as they read them, and give their gradients back in float32, rounded
+to bfloat16 (what autocast's casts and their backward do, without the two extra tensors each way). Inputs are assumed valid (``fastcnn.ops`` checks them). The kernels run on
 ``torch.get_num_threads()`` threads of the OpenMP runtime torch already loaded.
 """
 
@@ -24,7 +26,7 @@ import platform
 import torch
 from fastcnn.kernels.layout import memory_format_of, pooled_size
 
-ABI = 2  # FASTCNN_CPU_ABI in the C source: a stale build from an older source is not loaded
+ABI = 3  # FASTCNN_CPU_ABI in the C source: a stale build from an older source is not loaded
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _HERE = pathlib.Path(__file__).resolve().parent
@@ -99,6 +101,11 @@ LIBRARY, STATUS = load()
 # Bit 0: bf16 calls may use AVX512-BF16 dot products where the build and the CPU have them (the C source's
 # OPTION_DOT_BF16). FASTCNN_NATIVE_BF16_DOT=0 (or a test setting OPTIONS = 0) runs the fp32-FMA path instead.
 OPTIONS = 0 if os.environ.get("FASTCNN_NATIVE_BF16_DOT", "1") == "0" else 1
+_FP32_PARAMS = 2  # bit 1: float32 weight and bias with bfloat16 data (OPTION_FP32_PARAMS)
+
+
+def _options(x: torch.Tensor, weight: torch.Tensor) -> int:
+    return OPTIONS | (_FP32_PARAMS if x.dtype == torch.bfloat16 and weight.dtype == torch.float32 else 0)
 
 
 def _strides(t: torch.Tensor):
@@ -123,7 +130,7 @@ def conv_relu_pool_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     rc = LIBRARY.fastcnn_cpu_forward(
         x.data_ptr(), _strides(x), weight.data_ptr(), _strides(weight), bias.data_ptr() if bias is not None else None,
         out.data_ptr(), _strides(out), code.data_ptr(), _strides(code),
-        n, c_in, h, w, c_out, ksize, padding, _DTYPE_CODES[x.dtype], torch.get_num_threads(), OPTIONS)
+        n, c_in, h, w, c_out, ksize, padding, _DTYPE_CODES[x.dtype], torch.get_num_threads(), _options(x, weight))
     _check(rc, "forward")
     return out, code
 
@@ -139,7 +146,7 @@ def conv_relu_pool_backward_weight(grad_out: torch.Tensor, code: torch.Tensor, x
     rc = LIBRARY.fastcnn_cpu_backward_weight(
         grad_out.data_ptr(), _strides(grad_out), code.data_ptr(), _strides(code), x.data_ptr(), _strides(x),
         grad_weight.data_ptr(), _strides(grad_weight), grad_bias.data_ptr(),
-        n, c_in, h, w, c_out, ksize, padding, _DTYPE_CODES[x.dtype], torch.get_num_threads(), OPTIONS)
+        n, c_in, h, w, c_out, ksize, padding, _DTYPE_CODES[x.dtype], torch.get_num_threads(), _options(x, weight))
     _check(rc, "grad_weight")
     return grad_weight, grad_bias
 
@@ -154,6 +161,6 @@ def conv_relu_pool_backward_input(grad_out: torch.Tensor, code: torch.Tensor, x:
     rc = LIBRARY.fastcnn_cpu_backward_input(
         grad_out.data_ptr(), _strides(grad_out), code.data_ptr(), _strides(code), weight.data_ptr(),
         _strides(weight), grad_x.data_ptr(), _strides(grad_x),
-        n, c_in, h, w, c_out, ksize, padding, _DTYPE_CODES[x.dtype], torch.get_num_threads(), OPTIONS)
+        n, c_in, h, w, c_out, ksize, padding, _DTYPE_CODES[x.dtype], torch.get_num_threads(), _options(x, weight))
     _check(rc, "grad_input")
     return grad_x
