@@ -12,8 +12,9 @@ The launchers have the Triton launchers' signatures and contract (``kernels/conv
 bfloat16 inputs (fp32 accumulation), any strides, outputs in x's layout (channels-last when x is densely
 channels-last, NCHW otherwise). With bfloat16 data the weight and bias may also be float32 parameters, as under
 autocast: the kernels round them to bfloat16 as they read them, and give their gradients back in float32, rounded
-to bfloat16 (what autocast's casts and their backward do, without the two extra tensors each way). Inputs are assumed valid (``fastcnn.ops`` checks them). The kernels run on
-``torch.get_num_threads()`` threads of the OpenMP runtime torch already loaded.
+to bfloat16 (what autocast's casts and their backward do, without the two extra tensors each way). Inputs are
+assumed valid (``fastcnn.ops`` checks them). The kernels run on ``torch.get_num_threads()`` threads of the OpenMP
+runtime torch already loaded.
 """
 
 from __future__ import annotations
