@@ -23,8 +23,11 @@ class LeanFusedAdam(torch.optim.Adam):
         super().__init__(params, fused=True, **kwargs)
 
     def step(self, closure=None, **kwargs):
-        if closure is not None or kwargs or len(self.param_groups) != 1:
-            return super().step(closure, **kwargs)  # a closure, or GradScaler's grad_scale / found_inf
+        if closure is not None or kwargs or len(self.param_groups) != 1 or \
+                getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
+            # a closure, or a GradScaler's step: it sets grad_scale and found_inf on the optimizer for torch's
+            # fused step to unscale by and to skip on
+            return super().step(closure, **kwargs)
         group = self.param_groups[0]
         if group["amsgrad"] or group["capturable"] or group["differentiable"] or group["decoupled_weight_decay"] \
                 or isinstance(group["lr"], torch.Tensor):

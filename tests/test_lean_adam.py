@@ -107,3 +107,24 @@ def test_a_closure_is_called_and_its_loss_returned():
         return loss
 
     assert lean.step(closure) is not None and lean.step(closure) is not None
+
+
+def test_a_grad_scaler_step_unscales_and_skips_as_torchs(monkeypatch):
+    """GradScaler hands a fused optimizer its scale and inf flag as attributes: the step must honour them (here a
+    scaled step with an inf in one gradient, which must be skipped, then a finite one)."""
+    results = []
+    for make in (lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True), lambda ps: LeanFusedAdam(ps, lr=1e-3)):
+        params = _params()
+        optimizer = make(params)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        for step in range(4):
+            optimizer.zero_grad()
+            loss = sum((p * g).sum() for p, g in zip(params, _grads(step), strict=True) if g is not None)
+            if step == 1:
+                loss = loss + params[0].sum() * float("inf")
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        results.append([p.detach().clone() for p in params])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
