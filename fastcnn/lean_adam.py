@@ -29,8 +29,9 @@ class LeanFusedAdam(torch.optim.Adam):
             # fused step to unscale by and to skip on
             return super().step(closure, **kwargs)
         group = self.param_groups[0]
-        if group["amsgrad"] or group["capturable"] or group["differentiable"] or group["decoupled_weight_decay"] \
-                or isinstance(group["lr"], torch.Tensor):
+        # .get: torch before 2.7 has no decoupled_weight_decay in Adam's groups
+        if group["amsgrad"] or group["capturable"] or group["differentiable"] or \
+                group.get("decoupled_weight_decay", False) or isinstance(group["lr"], torch.Tensor):
             return super().step()
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
