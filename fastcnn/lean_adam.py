@@ -29,7 +29,7 @@ class LeanFusedAdam(torch.optim.Adam):
             # fused step to unscale by and to skip on
             return super().step(closure, **kwargs)
         group = self.param_groups[0]
-        # .get: torch before 2.7 has no decoupled_weight_decay in Adam's groups
+        # .get: older torch releases have no decoupled_weight_decay in Adam's groups
         if group["amsgrad"] or group["capturable"] or group["differentiable"] or \
                 group.get("decoupled_weight_decay", False) or isinstance(group["lr"], torch.Tensor):
             return super().step()
