@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as module_globals
 
 from fastcnn.kernel_choice import CallKey, ChoosableLayer, resolve_kernel
 from fastcnn.kernels.contract import CONV_CONTRACT, conv_problem
@@ -73,10 +74,19 @@ def linear_on_flattened(features: torch.Tensor, linear: nn.Linear) -> torch.Tens
     out (h, w, c), that takes a copy of the whole activation (and its gradient comes back in the other order). Here
     such features are flattened in their own order, a view, and the weight's columns are put in that order instead:
     a copy of the weight, which is 1/N the size. Same result up to the order of the sums; the state_dict is unchanged.
-    ``linear``'s forward hooks do not run on that route.
+    That route calls ``F.linear`` with the layer's parameters, so it is taken only for a plain ``nn.Linear`` without
+    forward hooks (module or global): a subclass, a lazy, parametrized or hooked layer is called as itself.
     """
     n, c, h, w = features.shape
-    if c == 1 or h * w == 1 or not is_channels_last(features):
+    if c == 1 or h * w == 1 or not is_channels_last(features) or not _plain_linear(linear) or \
+            linear.in_features != c * h * w:
         return linear(features.flatten(1))
-    weight = linear.weight.view(linear.out_features, c, h, w).permute(0, 2, 3, 1).reshape(linear.out_features, -1)
+    weight = linear.weight.reshape(linear.out_features, c, h, w).permute(0, 2, 3, 1).reshape(linear.out_features, -1)
     return F.linear(features.permute(0, 2, 3, 1).reshape(n, -1), weight, linear.bias)
+
+
+def _plain_linear(linear: nn.Module) -> bool:
+    """An ``nn.Linear`` itself, whose forward is exactly ``F.linear(x, weight, bias)``: no subclass (a parametrized
+    layer is one), no forward hooks of its own or global ones."""
+    return (type(linear) is nn.Linear and not linear._forward_hooks and not linear._forward_pre_hooks and
+            not module_globals._global_forward_hooks and not module_globals._global_forward_pre_hooks)

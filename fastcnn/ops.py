@@ -35,6 +35,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 try:
     from fastcnn.kernels.conv_relu_pool import (
@@ -365,6 +367,7 @@ class _NativeEager(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the kernels' backward is not differentiable again: a double backward says so
     def backward(ctx, grad_out):
         x, weight, code = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -381,10 +384,19 @@ class _NativeEager(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
 def _eager_native_dtype(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype | None:
     """The compute dtype when this call can take ``_NativeEager`` (an eager CPU call the native kernel runs, in
-    float32 or bfloat16, with parameters it can cast from), else None."""
+    float32 or bfloat16, with parameters it can cast from), else None.
+
+    Plain tensors only, outside any dispatch mode and functorch transform: fake tensors, FlopCounterMode, recorders
+    and torch.func see the op, which has a fake implementation and is what they expect to see."""
     if x.device.type != "cpu" or not native_runs_on_cpu() or torch.compiler.is_compiling():
+        return None
+    if not all(type(t) in _PLAIN_TENSORS for t in (x, weight, bias) if t is not None) or \
+            is_in_torch_dispatch_mode() or torch._C._functorch.is_functorch_wrapped_tensor(x):
         return None
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
     supported = _native.SUPPORTED_DTYPES

@@ -542,7 +542,8 @@ static inline __attribute__((always_inline)) void weight_grad_taps(
  * rows (one 32-bit load), and the window positions dx = 0 and dx = 1 of their gradient make the other pair. So a
  * tap takes two instructions per column instead of four FMAs, on the same exact products (a bf16 times a bf16 is
  * exact in fp32), summed in another order. The instruction treats bf16 subnormals as zero. */
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__GNUC__) && __GNUC__ >= 10
+/* GCC 11 knows avx512bf16 in __builtin_cpu_supports; an older compiler builds the FMA path only */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__GNUC__) && __GNUC__ >= 11
 #define HAVE_DOT_BF16 1
 #pragma GCC push_options
 #pragma GCC target("avx512bf16")

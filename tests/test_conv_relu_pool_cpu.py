@@ -338,17 +338,38 @@ def test_eager_calls_give_the_ops_numbers_bit_for_bit(case):
 
 
 @needs_native
-def test_eager_calls_skip_the_op_dispatch_and_compiled_ones_keep_it():
+def test_eager_calls_skip_the_op_dispatch_and_dispatch_modes_see_the_op():
     from test_conv_relu_pool import RecordedOps
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
 
     x, wt, b, draw_grad = make_inputs(2, 3, 8, 9, 9, 3, channels_last=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = conv_relu_pool(x, wt, b, 1)
+        out.backward(draw_grad(out.shape))
+    names = {event.name for event in prof.events()}
+    assert "_NativeEager" in names and "fastcnn::native_cpu_forward" in names  # the Function, its kernel's range
+    assert "fastcnn::conv_relu_pool" not in names, names  # and no op dispatch
+    # a dispatch mode (recorders, FlopCounterMode, fake tensors) is shown the op, as before
     with RecordedOps() as recorded:
         out = conv_relu_pool(x, wt, b, 1)
         out.backward(draw_grad(out.shape))
-    names = {str(func) for func, _ in recorded.calls}
-    assert not any(name.startswith("fastcnn.") for name in names), names
+    recorded_names = {str(func) for func, _ in recorded.calls}
+    assert "fastcnn.conv_relu_pool.default" in recorded_names, recorded_names
+    with FlopCounterMode(display=False):
+        conv_relu_pool(x, wt, b, 1)
     with pytest.raises(ValueError, match="share one dtype"):  # mixed dtypes outside autocast: the op's one line
         conv_relu_pool(x, wt.detach().bfloat16(), b, 1)
+
+
+@needs_native
+def test_eager_calls_refuse_a_double_backward_in_words():
+    x, wt, b, draw_grad = make_inputs(2, 3, 8, 9, 9, 3, channels_last=True)
+    out = conv_relu_pool(x, wt, b, 1)
+    (grad_x,) = torch.autograd.grad(out, x, draw_grad(out.shape), create_graph=True)
+    # the kernels' gradients are not differentiable again: an error, not second derivatives silently zero
+    with pytest.raises(RuntimeError, match="does not require grad|once_differentiable"):
+        grad_x.sum().backward()
 
 
 @needs_native
@@ -365,7 +386,8 @@ def test_bf16_ties_after_rounding_go_to_the_first_position():
         [(one, half_ulp), (one, 2 * half_ulp), (one, 0), (one, 0)],  # 1.0 (even) and 1.0078125 (odd): the second
         [(one, half_ulp + tiny), (one, 2 * half_ulp), (one, 0), (one, 0)],  # both 1.0078125: the first
         [(-one, 0), (0, -tiny), (0, 0), (0, -half_ulp)],            # nothing passes: code 0, no gradient
-    ]
+        [(0.5, 0), (one - half_ulp, half_ulp / 2), (one, 0), (0, 0)],  # 1 - 2^-9: the midpoint below 1.0
+    ]                                                                # (even) rounds up to it: the second
     pairs = torch.tensor(windows)  # (windows, position, channel)
     x = pairs.view(len(windows), 2, 2, 2).permute(3, 1, 0, 2).reshape(1, 2, 2, 2 * len(windows))
     x = x.bfloat16().contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -376,4 +398,5 @@ def test_bf16_ties_after_rounding_go_to_the_first_position():
     assert torch.equal(out, ref)
     assert torch.equal(grads["x"], ref_grads["x"]) and torch.equal(grads["weight"], ref_grads["weight"])
     winners = grads["x"][0, 0].float().view(2, len(windows), 2).permute(1, 0, 2).reshape(len(windows), 4)
-    assert winners.argmax(1).tolist()[:5] == [0, 0, 1, 1, 0] and not winners[5].any()
+    assert winners.argmax(1).tolist()[:5] + winners.argmax(1).tolist()[6:] == [0, 0, 1, 1, 0, 1]
+    assert not winners[5].any()

@@ -128,3 +128,31 @@ def test_a_grad_scaler_step_unscales_and_skips_as_torchs(monkeypatch):
         results.append([p.detach().clone() for p in params])
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
+
+
+def test_step_hooks_run_once_on_every_kind_of_step():
+    torch.optim.Adam(_params(), lr=1e-3, fused=True)  # a plain Adam in the process: torch wraps Adam.step too
+    params = _params()
+    lean = LeanFusedAdam(params, lr=1e-3)
+    calls = []
+    lean.register_step_post_hook(lambda *args: calls.append(1))
+    _run(lean, params, 3)  # the first step falls back to torch's (it creates the state), the others do not
+    assert len(calls) == 3
+
+
+def test_a_state_from_a_non_fused_adam_is_stepped_by_torch():
+    reference_params, lean_params = _params(), _params()
+    plain = torch.optim.Adam(reference_params, lr=1e-3)  # foreach, step counts on the CPU
+    _run(plain, reference_params, 2)
+    lean = LeanFusedAdam(lean_params, lr=1e-3)
+    with torch.no_grad():
+        for a, b in zip(lean_params, reference_params, strict=True):
+            a.copy_(b)
+    lean.load_state_dict(copy.deepcopy(plain.state_dict()))
+    assert lean.param_groups[0]["fused"] in (False, None)
+    for optimizer, params in ((plain, reference_params), (lean, lean_params)):
+        for p, g in zip(params, _grads(5), strict=True):
+            p.grad = None if g is None else g.clone()
+        optimizer.step()
+    for a, b in zip(reference_params, lean_params, strict=True):
+        assert torch.equal(a, b)

@@ -4,6 +4,7 @@ batches of 1 and 3, fp32 and bf16 autocast; and it leaves the weights (and the s
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastcnn.nn import linear_on_flattened
@@ -76,3 +77,24 @@ def test_the_weights_and_state_dict_are_left_as_they_are():
         assert torch.equal(value, before[key]), key
         assert value.is_contiguous()
     assert linear.weight.grad.shape == linear.weight.shape and linear.weight.grad.is_contiguous()
+
+
+def test_a_hooked_lazy_or_subclassed_layer_is_called_as_itself():
+    features = torch.randn(3, 4, 3, 5).to(memory_format=torch.channels_last)
+    linear, _ = _pair((3, 4, 3, 5))
+    seen = []
+    handle = linear.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    torch.testing.assert_close(linear_on_flattened(features, linear), linear(features.flatten(1)))
+    handle.remove()
+    assert seen == [(3, 7), (3, 7)]  # the hook ran for linear_on_flattened's call too
+
+    lazy = nn.LazyLinear(7)
+    assert linear_on_flattened(features, lazy).shape == (3, 7)  # its weight is made by its own pre-hook
+
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    doubled = Doubled(60, 7)
+    torch.testing.assert_close(linear_on_flattened(features, doubled), 2 * F.linear(features.flatten(1),
+                                                                                     doubled.weight, doubled.bias))
