@@ -434,18 +434,21 @@ int fastcnn_cpu_forward(const void *x, const int64_t *xs, const void *weight, co
  * ReLU passes) added to *bias_sum, which the caller keeps in a register across the row. Returns whether any channel passes. The code and the gradient are read
  * apart, each with vector loads where its channels are contiguous (channels-last) and lane by lane elsewhere. */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+/* The codes of `valid` output channels (the block's lanes, zero past them): one masked load where the channels
+ * are contiguous, lane by lane elsewhere. Both grad_weight paths read them this way. */
+static inline __attribute__((always_inline)) __m128i codes16(const uint8_t *code, int64_t q, const int64_t *cs,
+                                                             int64_t valid) {
+    if (cs[1] == 1) return _mm_maskz_loadu_epi8((__mmask16)((1u << valid) - 1u), code + q);
+    uint8_t code_l[16] = {0};
+    for (int64_t c = 0; c < valid; c++) code_l[c] = code[q + c * cs[1]];
+    return _mm_loadu_si128((const __m128i *)code_l);
+}
+
 static inline __attribute__((always_inline)) int window_grads(const void *grad, int64_t o, const int64_t *gs,
                                                               const uint8_t *code, int64_t q, const int64_t *cs,
                                                               int64_t valid, int dtype, v16 *gd, v16 *bias_sum) {
     const __mmask16 lanes = (__mmask16)((1u << valid) - 1u);
-    __m128i cd;
-    if (cs[1] == 1) {
-        cd = _mm_maskz_loadu_epi8(lanes, code + q);
-    } else {
-        uint8_t code_l[16] = {0};
-        for (int64_t c = 0; c < valid; c++) code_l[c] = code[q + c * cs[1]];
-        cd = _mm_loadu_si128((const __m128i *)code_l);
-    }
+    const __m128i cd = codes16(code, q, cs, valid);
     /* A lane passes a gradient to position d exactly when its code is 4 + d. */
     const __mmask16 pass = _mm_test_epi8_mask(cd, _mm_set1_epi8(4));
     if (!pass) return 0;
@@ -505,6 +508,21 @@ static inline __attribute__((always_inline)) int window_grads(const void *grad, 
 }
 #endif
 
+/* Every tap of a channel block, for both grad_weight paths: TAP_BLOCK taps at a time, summed over the row's
+ * columns in registers and then added once, and the rest in a block of its own size rounded up to a multiple of 3
+ * (k = 3 layers' taps), so that each call site's block size is a constant. CALL(size, used, t0) sums `used` taps
+ * from tap t0 in a block of `size`. */
+#define FOR_TAP_BLOCKS(taps, CALL)                                                                              \
+    do {                                                                                                        \
+        int64_t t0_ = 0;                                                                                        \
+        for (; t0_ + TAP_BLOCK <= (taps); t0_ += TAP_BLOCK) CALL(TAP_BLOCK, TAP_BLOCK, t0_);                    \
+        const int64_t rest_ = (taps) - t0_;                                                                     \
+        if (rest_ > 9) CALL(TAP_BLOCK, rest_, t0_);                                                             \
+        else if (rest_ > 6) CALL(9, rest_, t0_);                                                                \
+        else if (rest_ > 3) CALL(6, rest_, t0_);                                                                \
+        else if (rest_ > 0) CALL(3, rest_, t0_);                                                                \
+    } while (0)
+
 /* grad_w for `used` taps (of a block of `taps`, a constant at each call site, so the accumulators live in
  * registers) of one channel block: the sum over the row's live columns of the four window positions' inputs times
  * their g_d, added to the partial sums once. Taps past `used` compute on tap 0's input and are dropped. */
@@ -556,15 +574,8 @@ static inline __attribute__((always_inline)) int window_grad_pairs(const uint16_
                                                                    const int64_t *cs, int64_t valid, __m512i *pairs,
                                                                    __m512 *bias_sum) {
     const __mmask16 lanes = (__mmask16)((1u << valid) - 1u);
-    __m128i cd;
+    const __m128i cd = codes16(code, q, cs, valid);
     __m512i g;
-    if (cs[1] == 1) {
-        cd = _mm_maskz_loadu_epi8(lanes, code + q);
-    } else {
-        uint8_t code_l[16] = {0};
-        for (int64_t c = 0; c < valid; c++) code_l[c] = code[q + c * cs[1]];
-        cd = _mm_loadu_si128((const __m128i *)code_l);
-    }
     const __mmask16 pass = _mm_test_epi8_mask(cd, _mm_set1_epi8(4));
     if (!pass) return 0;
     if (gs[1] == 1) {
@@ -637,18 +648,10 @@ static __attribute__((noinline)) void weight_grad_row_dot(
     _mm512_storeu_ps(gb + b * CO_BLOCK, _mm512_add_ps(_mm512_loadu_ps(gb + b * CO_BLOCK), bias_sum));
     if (live == 0) return;
     float *acc_b = gw + b * CO_BLOCK;
-    int64_t t0 = 0;
-    for (; t0 + TAP_BLOCK <= taps; t0 += TAP_BLOCK)
-        weight_grad_taps_dot(TAP_BLOCK, TAP_BLOCK, tile, tap_offset + t0, pairs, columns, live, tw,
-                             acc_b + t0 * co_pad, co_pad);
-    const int64_t rest = taps - t0;
-#define TAIL(size)                                                                                              \
-    weight_grad_taps_dot(size, rest, tile, tap_offset + t0, pairs, columns, live, tw, acc_b + t0 * co_pad, co_pad)
-    if (rest > 9) TAIL(TAP_BLOCK);
-    else if (rest > 6) TAIL(9);
-    else if (rest > 3) TAIL(6);
-    else if (rest > 0) TAIL(3);
-#undef TAIL
+#define TAPS(size, used, t0)                                                                                   \
+    weight_grad_taps_dot(size, used, tile, tap_offset + (t0), pairs, columns, live, tw, acc_b + (t0) * co_pad, co_pad)
+    FOR_TAP_BLOCKS(taps, TAPS);
+#undef TAPS
 }
 #pragma GCC pop_options
 #endif
@@ -760,21 +763,11 @@ int fastcnn_cpu_backward_weight(const void *grad, const int64_t *gs, const uint8
                     }
                     *(v16u *)(gb + b * CO_BLOCK) += bias_sum;
                     if (live == 0) continue;
-                    /* TAP_BLOCK taps at a time, summed over the row's columns in registers, then added once. */
                     float *acc_b = gw + b * CO_BLOCK;
-                    int64_t t0 = 0;
-                    for (; t0 + TAP_BLOCK <= taps; t0 += TAP_BLOCK)
-                        weight_grad_taps(TAP_BLOCK, TAP_BLOCK, tile, tap_offset + t0, gbuf, columns, live, tw,
-                                         acc_b + t0 * co_pad, co_pad);
-                    /* The rest in a block of its own size, rounded up to a multiple of 3 (k = 3 layers' taps). */
-                    const int64_t rest = taps - t0;
-#define TAIL(size)                                                                                              \
-    weight_grad_taps(size, rest, tile, tap_offset + t0, gbuf, columns, live, tw, acc_b + t0 * co_pad, co_pad)
-                    if (rest > 9) TAIL(TAP_BLOCK);
-                    else if (rest > 6) TAIL(9);
-                    else if (rest > 3) TAIL(6);
-                    else if (rest > 0) TAIL(3);
-#undef TAIL
+#define TAPS(size, used, t0)                                                                                   \
+    weight_grad_taps(size, used, tile, tap_offset + (t0), gbuf, columns, live, tw, acc_b + (t0) * co_pad, co_pad)
+                    FOR_TAP_BLOCKS(taps, TAPS);
+#undef TAPS
                 }
             }
             free(gbuf);
