@@ -93,8 +93,9 @@ def archived_json(out: pathlib.Path, name: str) -> dict:
 @pytest.fixture(scope="module")
 def lease(checkout, tmp_path_factory):
     out = tmp_path_factory.mktemp("lease")
-    # The budget is the CPU run's promise: everything fits in 2 minutes, or the budget cut shows below.
-    result = run(checkout, out, "lease", budget=120, state=out / "state")
+    # A budget no CPU run reaches: this run checks what each stage records, not how fast this machine is (a
+    # 120 s budget, 71 s used here, cut the last stage on a slower CI machine). The budget cut has its own test.
+    result = run(checkout, out, "lease", budget=1200, state=out / "state", timeout=1500)
     return dict(out=out, state=out / "state", result=result)
 
 
@@ -134,7 +135,7 @@ def test_lease_results_carry_command_device_versions_and_commit(lease):
 
 
 def test_lease2_after_lease_reruns_nothing_lease_finished(lease, checkout, tmp_path):
-    result = run(checkout, tmp_path, "lease2", state=lease["state"])
+    result = run(checkout, tmp_path, "lease2", budget=1200, state=lease["state"], timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     found = verdicts(tmp_path)
     assert list(found) == ["install", "env"] + LEASE[2:] + LEASE2_OWN
