@@ -802,7 +802,102 @@ int fastcnn_cpu_backward_weight(const void *grad, const int64_t *gs, const uint8
  * patch is summed in registers (PIECE floats at a time, over the group's channels) and added to the image once,
  * instead of a read-modify-write of the image per channel. The image is a padded fp32 copy that belongs to one
  * thread (one image at a time); the order of the sums does not depend on the threads. */
-#define PIECE 32 /* floats of a patch row summed in registers at a time: 4 vectors of 8 */
+/* A patch row is summed in pieces of 4 vectors: 16 floats each where the build has 512-bit registers, else 8
+ * (two xmm each in the baseline build); the row's tail (a multiple of 8 floats: CI_BLOCK is 8) in fewer vectors. */
+#if defined(__AVX512F__)
+typedef v16 vpiece;
+typedef v16u vpiece_u;
+#define PIECE_VEC 16
+#else
+typedef v8 vpiece;
+typedef v8u vpiece_u;
+#define PIECE_VEC 8
+#endif
+#define PIECE (4 * PIECE_VEC) /* floats of a patch row summed in registers at a time */
+
+/* One piece of a patch row, `nv` vectors of type V (a constant at each call site), summed over the group's m
+ * channels and added onto the image at dst. Two sets of accumulators (even and odd channels of the group): twice
+ * the independent FMA chains, summed at the end in a fixed order. Each float's sum is the same whatever the
+ * vector width, so the wide pieces and the 8-float tail give the numbers the 8-float pieces gave. */
+#define DEFINE_PATCH_PIECE(name, V, VU, lanes)                                                                      \
+    static inline __attribute__((always_inline)) void name(const int nv, const float *packed, const int32_t *cos,  \
+                                                           const float *gv, int64_t m, int64_t k, int64_t ky,      \
+                                                           int64_t row, int64_t p0, float *dst) {                  \
+        V a[4] = {{0}, {0}, {0}, {0}}, b[4] = {{0}, {0}, {0}, {0}};                                                 \
+        int64_t i = 0;                                                                                              \
+        for (; i + 1 < m; i += 2) {                                                                                 \
+            const float *wa = packed + (cos[i] * k + ky) * row + p0;                                                \
+            const float *wb = packed + (cos[i + 1] * k + ky) * row + p0;                                            \
+            const float ga = gv[i], gb = gv[i + 1];                                                                 \
+            _Pragma("GCC unroll 4") for (int j = 0; j < nv; j++) {                                                  \
+                a[j] += ga * *(const VU *)(wa + lanes * j);                                                         \
+                b[j] += gb * *(const VU *)(wb + lanes * j);                                                         \
+            }                                                                                                       \
+        }                                                                                                           \
+        if (i < m) {                                                                                                \
+            const float *wa = packed + (cos[i] * k + ky) * row + p0;                                                \
+            const float ga = gv[i];                                                                                 \
+            _Pragma("GCC unroll 4") for (int j = 0; j < nv; j++) a[j] += ga * *(const VU *)(wa + lanes * j);        \
+        }                                                                                                           \
+        _Pragma("GCC unroll 4") for (int j = 0; j < nv; j++) *(VU *)(dst + p0 + lanes * j) += a[j] + b[j];         \
+    }
+DEFINE_PATCH_PIECE(patch_piece, vpiece, vpiece_u, PIECE_VEC)
+DEFINE_PATCH_PIECE(patch_piece8, v8, v8u, 8)
+
+/* Patch row ky of one group onto dst: whole pieces, then the tail. */
+static inline __attribute__((always_inline)) void patch_row(const float *packed, const int32_t *cos, const float *gv,
+                                                            int64_t m, int64_t k, int64_t ky, int64_t row,
+                                                            float *dst) {
+    int64_t p0 = 0;
+    for (; p0 + PIECE <= row; p0 += PIECE) patch_piece(4, packed, cos, gv, m, k, ky, row, p0, dst);
+    switch ((row - p0) / PIECE_VEC) { /* the tail's whole vectors: 0-3 */
+    case 3: patch_piece(3, packed, cos, gv, m, k, ky, row, p0, dst); break;
+    case 2: patch_piece(2, packed, cos, gv, m, k, ky, row, p0, dst); break;
+    case 1: patch_piece(1, packed, cos, gv, m, k, ky, row, p0, dst); break;
+    default: break;
+    }
+    p0 += (row - p0) / PIECE_VEC * PIECE_VEC;
+    if (p0 < row) patch_piece8(1, packed, cos, gv, m, k, ky, row, p0, dst); /* 8 floats left of a 16-float vector */
+}
+
+typedef uint32_t vu8 __attribute__((vector_size(32)));
+typedef int32_t vi8 __attribute__((vector_size(32)));
+typedef uint16_t vh8 __attribute__((vector_size(16)));
+
+/* f32_to_bf16 of 8 lanes: round to nearest even, NaN to the canonical quiet NaN 0x7FC0. */
+static inline vh8 bf16_bits8(v8 v) {
+    const vu8 u = (vu8)v;
+    const vi8 nan = v != v;
+    const vu8 r = ((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16 & (vu8)~nan) | ((vu8)nan & 0x7FC0u);
+    return __builtin_convertvector(r, vh8);
+}
+
+/* Image n of the padded fp32 image (ci_pad channels per pixel) into grad_x, in its dtype. Channels-last rows are
+ * written eight channels at a time; other layouts element by element. */
+static void store_image(const float *img, void *grad_x, const int64_t *gxs, int64_t n, int64_t c_in, int64_t ci_pad,
+                        int64_t h, int64_t w, int64_t pad, int64_t ww, int dtype) {
+    if (gxs[1] == 1) {
+        for (int64_t ih = 0; ih < h; ih++)
+            for (int64_t iw = 0; iw < w; iw++) {
+                const float *src = img + ((ih + pad) * ww + iw + pad) * ci_pad;
+                const int64_t at = n * gxs[0] + ih * gxs[2] + iw * gxs[3];
+                if (dtype != DTYPE_BF16) {
+                    memcpy((float *)grad_x + at, src, (size_t)c_in * sizeof(float));
+                    continue;
+                }
+                for (int64_t c0 = 0; c0 < c_in; c0 += 8) {
+                    const vh8 bits = bf16_bits8(*(const v8u *)(src + c0));
+                    memcpy((uint16_t *)grad_x + at + c0, &bits, (size_t)(c_in - c0 < 8 ? c_in - c0 : 8) * 2);
+                }
+            }
+        return;
+    }
+    for (int64_t ci = 0; ci < c_in; ci++)
+        for (int64_t ih = 0; ih < h; ih++)
+            for (int64_t iw = 0; iw < w; iw++)
+                store_from_f32(grad_x, n * gxs[0] + ci * gxs[1] + ih * gxs[2] + iw * gxs[3],
+                               img[((ih + pad) * ww + iw + pad) * ci_pad + ci], dtype);
+}
 
 int fastcnn_cpu_backward_input(const void *grad, const int64_t *gs, const uint8_t *code, const int64_t *cs,
                                const void *weight, const int64_t *ws, void *grad_x, const int64_t *gxs,
@@ -811,21 +906,21 @@ int fastcnn_cpu_backward_input(const void *grad, const int64_t *gs, const uint8_
     const int pdtype = param_dtype(options, dtype);
     const int64_t hp = (h + 2 * pad - k + 1) / 2, wp = (w + 2 * pad - k + 1) / 2;
     const int64_t ci_pad = round_up(c_in, CI_BLOCK);
-    /* A patch row (k pixels x ci_pad channels) padded to whole PIECEs with zero weights, so that every piece is
-     * summed with whole vectors; only the row's own floats are added to the image (a non-finite g times a zero
-     * weight is NaN, which must not reach the pixels right of the patch). */
-    const int64_t row = k * ci_pad, row_pad = round_up(row, PIECE);
+    /* A patch row: k pixels x ci_pad channels, a whole number of 8-float vectors (CI_BLOCK is 8), summed PIECE
+     * floats at a time and the tail in vectors; the padding channels have zero weights and land in the image's
+     * padding channels, which are never stored. */
+    const int64_t row = k * ci_pad;
     const int64_t hh = h + 2 * pad, ww = w + 2 * pad;
     if (n_batch <= 0) return 0;
-    /* packed[(co * k + ky) * row_pad + kx * ci_pad + ci] */
-    float *packed = alloc_floats(c_out * k * row_pad);
+    /* packed[(co * k + ky) * row + kx * ci_pad + ci] */
+    float *packed = alloc_floats(c_out * k * row);
     if (!packed) return -1;
-    memset(packed, 0, (size_t)(c_out * k * row_pad) * sizeof(float));
+    memset(packed, 0, (size_t)(c_out * k * row) * sizeof(float));
     for (int64_t co = 0; co < c_out; co++)
         for (int64_t ci = 0; ci < c_in; ci++)
             for (int64_t ky = 0; ky < k; ky++)
                 for (int64_t kx = 0; kx < k; kx++)
-                    packed[(co * k + ky) * row_pad + kx * ci_pad + ci] =
+                    packed[(co * k + ky) * row + kx * ci_pad + ci] =
                         param_as(weight, co * ws[0] + ci * ws[1] + ky * ws[2] + kx * ws[3], pdtype, dtype);
     int failed = 0;
 
@@ -863,53 +958,12 @@ int fastcnn_cpu_backward_input(const void *grad, const int64_t *gs, const uint8_
                         const int64_t oh = 2 * ph + (d >> 1), ow = 2 * pw + (d & 1);
                         for (int64_t ky = 0; ky < k; ky++) {
                             float *dst = img + ((oh + ky) * ww + ow) * ci_pad;
-                            for (int64_t p0 = 0; p0 < row_pad; p0 += PIECE) {
-                                /* Two sets of accumulators (even and odd channels of the group): twice the
-                                 * independent FMA chains, summed at the end in a fixed order. */
-                                v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
-                                int64_t i = 0;
-                                for (; i + 1 < m; i += 2) {
-                                    const float *wa = packed + (cos[i] * k + ky) * row_pad + p0;
-                                    const float *wb = packed + (cos[i + 1] * k + ky) * row_pad + p0;
-                                    const float ga = gv[i], gb = gv[i + 1];
-                                    a0 += ga * *(const v8u *)wa;
-                                    a1 += ga * *(const v8u *)(wa + 8);
-                                    a2 += ga * *(const v8u *)(wa + 16);
-                                    a3 += ga * *(const v8u *)(wa + 24);
-                                    b0 += gb * *(const v8u *)wb;
-                                    b1 += gb * *(const v8u *)(wb + 8);
-                                    b2 += gb * *(const v8u *)(wb + 16);
-                                    b3 += gb * *(const v8u *)(wb + 24);
-                                }
-                                if (i < m) {
-                                    const float *wa = packed + (cos[i] * k + ky) * row_pad + p0;
-                                    const float ga = gv[i];
-                                    a0 += ga * *(const v8u *)wa;
-                                    a1 += ga * *(const v8u *)(wa + 8);
-                                    a2 += ga * *(const v8u *)(wa + 16);
-                                    a3 += ga * *(const v8u *)(wa + 24);
-                                }
-                                if (p0 + PIECE <= row) {
-                                    *(v8u *)(dst + p0) += a0 + b0;
-                                    *(v8u *)(dst + p0 + 8) += a1 + b1;
-                                    *(v8u *)(dst + p0 + 16) += a2 + b2;
-                                    *(v8u *)(dst + p0 + 24) += a3 + b3;
-                                } else { /* the row's last, partial piece */
-                                    const v8 sums[4] = {a0 + b0, a1 + b1, a2 + b2, a3 + b3};
-                                    float lanes[PIECE];
-                                    memcpy(lanes, sums, sizeof lanes);
-                                    for (int64_t i2 = 0; i2 < row - p0; i2++) dst[p0 + i2] += lanes[i2];
-                                }
-                            }
+                            patch_row(packed, cos, gv, m, k, ky, row, dst);
                         }
                     }
                 }
             }
-            for (int64_t ci = 0; ci < c_in; ci++)
-                for (int64_t ih = 0; ih < h; ih++)
-                    for (int64_t iw = 0; iw < w; iw++)
-                        store_from_f32(grad_x, n * gxs[0] + ci * gxs[1] + ih * gxs[2] + iw * gxs[3],
-                                       img[((ih + pad) * ww + iw + pad) * ci_pad + ci], dtype);
+            store_image(img, grad_x, gxs, n, c_in, ci_pad, h, w, pad, ww, dtype);
         }
         free(img);
         free(group_g);
