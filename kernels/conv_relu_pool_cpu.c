@@ -892,11 +892,23 @@ static void store_image(const float *img, void *grad_x, const int64_t *gxs, int6
             }
         return;
     }
-    for (int64_t ci = 0; ci < c_in; ci++)
-        for (int64_t ih = 0; ih < h; ih++)
-            for (int64_t iw = 0; iw < w; iw++)
-                store_from_f32(grad_x, n * gxs[0] + ci * gxs[1] + ih * gxs[2] + iw * gxs[3],
-                               img[((ih + pad) * ww + iw + pad) * ci_pad + ci], dtype);
+    /* Other layouts (NCHW) take 16 pixels of a row at a time, all their channels: the 16 * ci_pad floats read stay in
+     * L1 while each channel's 16 values are written (a whole image per channel would be re-read from L2). */
+    for (int64_t ih = 0; ih < h; ih++)
+        for (int64_t iw0 = 0; iw0 < w; iw0 += 16) {
+            const int64_t cols = w - iw0 < 16 ? w - iw0 : 16;
+            const float *src = img + ((ih + pad) * ww + iw0 + pad) * ci_pad;
+            for (int64_t ci = 0; ci < c_in; ci++) {
+                const int64_t at = n * gxs[0] + ci * gxs[1] + ih * gxs[2] + iw0 * gxs[3], step = gxs[3];
+                if (dtype == DTYPE_BF16) {
+                    uint16_t *dst = (uint16_t *)grad_x + at;
+                    for (int64_t j = 0; j < cols; j++) dst[j * step] = f32_to_bf16(src[j * ci_pad + ci]);
+                } else {
+                    float *dst = (float *)grad_x + at;
+                    for (int64_t j = 0; j < cols; j++) dst[j * step] = src[j * ci_pad + ci];
+                }
+            }
+        }
 }
 
 int fastcnn_cpu_backward_input(const void *grad, const int64_t *gs, const uint8_t *code, const int64_t *cs,
