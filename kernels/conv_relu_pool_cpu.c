@@ -872,8 +872,8 @@ static inline vh8 bf16_bits8(v8 v) {
     return __builtin_convertvector(r, vh8);
 }
 
-/* Image n of the padded fp32 image (ci_pad channels per pixel) into grad_x, in its dtype. Channels-last rows are
- * written eight channels at a time; other layouts element by element. */
+/* Image n of the padded fp32 image (ci_pad channels per pixel) into grad_x, in its dtype: channels-last pixels
+ * eight channels at a time, other layouts in tiles of 16 pixels (below). The padding channels are never stored. */
 static void store_image(const float *img, void *grad_x, const int64_t *gxs, int64_t n, int64_t c_in, int64_t ci_pad,
                         int64_t h, int64_t w, int64_t pad, int64_t ww, int dtype) {
     if (gxs[1] == 1) {
