@@ -12,10 +12,13 @@ differs: the baseline from the C source at a git revision (default HEAD), the ca
    reference-twin tests of tests/test_conv_relu_pool_cpu.py to say it is still right.
 2. Speed: each kernel on the layers the benchmarks train (the tutorials' and bench/accelerate_step.py's), the two
    builds interleaved in rounds within one process (this VM's speed drifts within minutes); the median of the
-   rounds and the median of the per-round ratios.
+   rounds and the range of the per-round ratios.
+3. With ``--steps``: whole training steps, the library swapped under the same model and optimizer, interleaved
+   the same way: LeNet's fast step (bf16 autocast, channels-last, batch 100, LeanFusedAdam) and
+   bench/accelerate_step.py's user CNN through ``fastcnn.accelerate`` (fp32, batch 64, Adam).
 
     python bench/native_ab.py [--baseline REV | --baseline-lib PATH] [--candidate REV | --candidate-lib PATH]
-                              [--rounds 7] [--no-speed]
+                              [--rounds 7] [--no-speed] [--steps] [--quick]
 
 Exits 1 when any result differs.
 """
@@ -179,6 +182,62 @@ def speed(baseline, candidate, rounds: int, dtype: torch.dtype) -> None:
                   f"{statistics.median(a) / statistics.median(b):5.2f}x {min(ratios):5.2f}-{max(ratios):.2f}x")
 
 
+def training_steps(batch_scale: float = 1.0):
+    """(name, one training step) for the two models ``--steps`` times; ``batch_scale`` shrinks the batches (tests)."""
+    import torch.nn.functional as F
+
+    import fastcnn
+    from fastcnn.lean_adam import LeanFusedAdam
+    from fastcnn.models import LeNet
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from accelerate_step import UserCNN
+
+    def make(model, optimizer, images, amp):
+        labels = torch.randint(0, 10, (images.shape[0],), generator=torch.Generator().manual_seed(1))
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                loss = F.cross_entropy(model(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return step
+
+    lenet_batch, user_batch = max(1, round(100 * batch_scale)), max(1, round(64 * batch_scale))
+    with torch.random.fork_rng():  # the caller's random state stays as it was
+        torch.manual_seed(0)
+        lenet = LeNet().to(memory_format=torch.channels_last)
+        user = fastcnn.accelerate(UserCNN())
+        return [
+            (f"LeNet fast step, batch {lenet_batch}", make(lenet, LeanFusedAdam(lenet.parameters(), lr=1e-3),
+             torch.randn(lenet_batch, 1, 28, 28).to(memory_format=torch.channels_last), True)),
+            (f"user CNN accelerated, batch {user_batch}", make(user, torch.optim.Adam(user.parameters(), lr=1e-3),
+             torch.randn(user_batch, 3, 48, 48), False)),
+        ]
+
+
+def step_speed(baseline, candidate, rounds: int, batch_scale: float = 1.0) -> None:
+    print(f"\nwhole training steps, {torch.get_num_threads()} threads; median of {rounds} interleaved rounds, "
+          "ms per step")
+    print(f"{'step':>34} {'baseline':>9} {'candidate':>9} {'ratio':>6} {'per round':>12}")
+    for name, step in training_steps(batch_scale):
+        def run(calls, step=step):
+            for _ in range(calls):
+                step()
+        with_library(baseline, run, 3)  # warm-up: the optimizer's state, the allocator
+        per_call = time_us(baseline, run, (1,), 3) / 1e3
+        calls = max(3, round(200 / max(per_call, 1e-3)))  # about 0.2 s per timing
+        a = [0.0] * rounds
+        b = [0.0] * rounds
+        for r in range(rounds):
+            a[r] = time_us(baseline, run, (calls,), 1) / 1e3 / calls
+            b[r] = time_us(candidate, run, (calls,), 1) / 1e3 / calls
+        ratios = [x / y for x, y in zip(a, b, strict=True)]
+        print(f"{name:>34} {statistics.median(a):9.3f} {statistics.median(b):9.3f} "
+              f"{statistics.median(a) / statistics.median(b):5.2f}x {min(ratios):5.2f}-{max(ratios):.2f}x")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline", default="HEAD", metavar="REV", help="git revision of the C source (HEAD)")
@@ -189,6 +248,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--no-speed", action="store_true", help="the bitwise check only")
     parser.add_argument("--quick", action="store_true", help="a sixth of the bitwise grid")
+    parser.add_argument("--steps", action="store_true", help="whole training steps too (about a minute)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         built = {}
@@ -201,6 +261,8 @@ def main(argv=None) -> int:
         differ = bitwise(baseline, candidate, args.quick)
         if not args.no_speed:
             speed(baseline, candidate, args.rounds, torch.bfloat16)
+            if args.steps:
+                step_speed(baseline, candidate, args.rounds)
     return 1 if differ else 0
 
 

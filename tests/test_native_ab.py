@@ -57,3 +57,12 @@ def test_the_command_line_builds_both_sides_and_exits_0_when_they_agree(ab, caps
     assert ab.main(["--baseline", "worktree", "--candidate", "worktree", "--no-speed", "--quick"]) == 0
     out = capsys.readouterr().out
     assert "baseline: kernels/conv_relu_pool_cpu.c at worktree" in out and "288 of 288" in out
+
+
+def test_whole_steps_run_on_each_library_and_print_a_line_per_model(ab, worktree_build, capsys):
+    ab.step_speed(worktree_build, native.LIBRARY, rounds=1, batch_scale=0.05)
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if "step, batch" in line or "accelerated, batch" in line]
+    assert [row.split(",")[0].strip() for row in rows] == ["LeNet fast step", "user CNN accelerated"], lines
+    assert all(row.rstrip().endswith("x") for row in rows)
+    assert native.LIBRARY is not worktree_build
