@@ -842,7 +842,9 @@ typedef v8u vpiece_u;
         _Pragma("GCC unroll 4") for (int j = 0; j < nv; j++) *(VU *)(dst + p0 + lanes * j) += a[j] + b[j];         \
     }
 DEFINE_PATCH_PIECE(patch_piece, vpiece, vpiece_u, PIECE_VEC)
+#if PIECE_VEC == 16
 DEFINE_PATCH_PIECE(patch_piece8, v8, v8u, 8)
+#endif
 
 /* Patch row ky of one group onto dst: whole pieces, then the tail. */
 static inline __attribute__((always_inline)) void patch_row(const float *packed, const int32_t *cos, const float *gv,
@@ -856,8 +858,10 @@ static inline __attribute__((always_inline)) void patch_row(const float *packed,
     case 1: patch_piece(1, packed, cos, gv, m, k, ky, row, p0, dst); break;
     default: break;
     }
+#if PIECE_VEC == 16
     p0 += (row - p0) / PIECE_VEC * PIECE_VEC;
     if (p0 < row) patch_piece8(1, packed, cos, gv, m, k, ky, row, p0, dst); /* 8 floats left of a 16-float vector */
+#endif
 }
 
 typedef uint32_t vu8 __attribute__((vector_size(32)));
