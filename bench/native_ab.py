@@ -36,6 +36,7 @@ import time
 
 import torch
 from fastcnn.kernels import conv_relu_pool_cpu as native
+from fastcnn.kernels.layout import memory_format_of
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SOURCE = "kernels/conv_relu_pool_cpu.c"
@@ -102,7 +103,7 @@ def with_library(lib, fn, *args):
 def all_kernels(x, weight, bias, padding, grad_seed):
     out, code = native.conv_relu_pool_forward(x, weight, bias, padding)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out.dtype)
-    g = g.to(memory_format=torch.channels_last) if out.stride(1) == 1 and out.shape[1] > 1 else g
+    g = g.to(memory_format=memory_format_of(out))
     g[0, 0, 0, 0] = float("nan")
     g[-1, -1, -1, -1] = float("inf")
     gw, gb = native.conv_relu_pool_backward_weight(g, code, x, weight, padding)
@@ -157,6 +158,19 @@ def time_us(lib, fn, args, calls: int) -> float:
     return (time.perf_counter() - started) / calls * 1e6
 
 
+def interleaved(baseline, candidate, fn, args, rounds: int, seconds: float) -> str:
+    """``fn(*args)`` timed on each library in turn, ``rounds`` times, about ``seconds`` per timing: the table's
+    columns (medians in us, their ratio, the range of the per-round ratios)."""
+    calls = max(3, round(seconds / (time_us(baseline, fn, args, 3) * 1e-6)))
+    a, b = [], []
+    for _ in range(rounds):
+        a.append(time_us(baseline, fn, args, calls))
+        b.append(time_us(candidate, fn, args, calls))
+    ratios = [x / y for x, y in zip(a, b, strict=True)]
+    return (f"{statistics.median(a):9.1f} {statistics.median(b):9.1f} "
+            f"{statistics.median(a) / statistics.median(b):5.2f}x {min(ratios):5.2f}-{max(ratios):.2f}x")
+
+
 def speed(baseline, candidate, rounds: int, dtype: torch.dtype) -> None:
     print(f"\n{dtype} (float32 parameters with bf16 data, as autocast's fast preset runs), channels-last, "
           f"{torch.get_num_threads()} threads; median of {rounds} interleaved rounds, us per call")
@@ -172,14 +186,7 @@ def speed(baseline, candidate, rounds: int, dtype: torch.dtype) -> None:
         if name not in FIRST_LAYERS:
             kernels["grad_input"] = (native.conv_relu_pool_backward_input, (g, code, x, weight, pad))
         for kernel, (fn, args) in kernels.items():
-            calls = max(3, round(0.02 / (time_us(baseline, fn, args, 3) * 1e-6)))  # about 20 ms per timing
-            a, b = [], []
-            for _ in range(rounds):
-                a.append(time_us(baseline, fn, args, calls))
-                b.append(time_us(candidate, fn, args, calls))
-            ratios = [x / y for x, y in zip(a, b, strict=True)]
-            print(f"{name:>16} {kernel:>16} {statistics.median(a):9.1f} {statistics.median(b):9.1f} "
-                  f"{statistics.median(a) / statistics.median(b):5.2f}x {min(ratios):5.2f}-{max(ratios):.2f}x")
+            print(f"{name:>16} {kernel:>16} {interleaved(baseline, candidate, fn, args, rounds, 0.02)}")
 
 
 def training_steps(batch_scale: float = 1.0):
@@ -219,23 +226,10 @@ def training_steps(batch_scale: float = 1.0):
 
 def step_speed(baseline, candidate, rounds: int, batch_scale: float = 1.0) -> None:
     print(f"\nwhole training steps, {torch.get_num_threads()} threads; median of {rounds} interleaved rounds, "
-          "ms per step")
+          "us per step")
     print(f"{'step':>34} {'baseline':>9} {'candidate':>9} {'ratio':>6} {'per round':>12}")
     for name, step in training_steps(batch_scale):
-        def run(calls, step=step):
-            for _ in range(calls):
-                step()
-        with_library(baseline, run, 3)  # warm-up: the optimizer's state, the allocator
-        per_call = time_us(baseline, run, (1,), 3) / 1e3
-        calls = max(3, round(200 / max(per_call, 1e-3)))  # about 0.2 s per timing
-        a = [0.0] * rounds
-        b = [0.0] * rounds
-        for r in range(rounds):
-            a[r] = time_us(baseline, run, (calls,), 1) / 1e3 / calls
-            b[r] = time_us(candidate, run, (calls,), 1) / 1e3 / calls
-        ratios = [x / y for x, y in zip(a, b, strict=True)]
-        print(f"{name:>34} {statistics.median(a):9.3f} {statistics.median(b):9.3f} "
-              f"{statistics.median(a) / statistics.median(b):5.2f}x {min(ratios):5.2f}-{max(ratios):.2f}x")
+        print(f"{name:>34} {interleaved(baseline, candidate, step, (), rounds, 0.2)}")
 
 
 def main(argv=None) -> int:
